@@ -1,0 +1,36 @@
+# Quick start: `make demo` (convert the bundled example and check parity) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hubconv-installed
+# The CPU build of torch; override e.g. TORCH_SPEC='torch==2.13.0 --index-url <your index>' for GPU builds.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= out/demo
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/hubconv convert --adapter torchtitan --checkpoint examples/tiny-llama3-torchtitan/step-200 \
+		--model-args examples/tiny-llama3-torchtitan/model_args.yaml --output $(DEMO_OUT) --overwrite
+	$(BIN)/python -m tests.native.parity --adapter torchtitan \
+		--checkpoint examples/tiny-llama3-torchtitan/step-200 \
+		--model-args examples/tiny-llama3-torchtitan/model_args.yaml --hf $(DEMO_OUT)
+
+test: setup
+	$(BIN)/ruff check hubconv tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check hubconv tests benchmarks
+	$(BIN)/ruff format --check hubconv tests benchmarks
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,3 @@
+from hubconv.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,361 @@
+"""TorchTitan -> transformers. Family `llama3` (Llama 3 / 3.1 / 3.2 layouts) -> LlamaForCausalLM.
+
+TorchTitan applies RoPE to interleaved (real, imaginary) pairs; transformers' Llama rotates
+halves, so Q and K rows are permuted per head (K per *KV* head). Both key generations are read:
+`layers.N.attention.wq.weight` and the newer `layers.N.attention.qkv_linear.wq.weight`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from hubconv.adapters.base import Adapter, ConversionPlan, Drop, MappingTable, Rule
+from hubconv.adapters.registry import register
+from hubconv.adapters.torchtitan_flavors import (
+    LLAMA3_DEFAULTS,
+    LLAMA3_FLAVORS,
+    LLAMA3_ROPE_SCALING_DEFAULTS,
+    llama3_ffn_hidden_dim,
+)
+from hubconv.errors import MappingError, ModelArgsError
+from hubconv.io.checkpoint import Checkpoint
+from hubconv.io.tensor import LazyTensor, row_blocks
+from hubconv.model_args import load_args_file
+from hubconv.transforms import Target, rope_permute
+
+
+def _rope_q(to_half: bool):
+    return lambda src, name, a: rope_permute(src, name, a["n_heads"], to_half=to_half)
+
+
+def _rope_k(to_half: bool):
+    return lambda src, name, a: rope_permute(src, name, a["n_kv_heads"], to_half=to_half)
+
+
+def _llama3_table(qkv_prefix: str, head: str) -> MappingTable:
+    """Native -> HF rules for one key generation (`qkv_prefix` is "" or "qkv_linear.")."""
+    L, H = "layers.{i}.", "model.layers.{i}."
+    return MappingTable(
+        [
+            Rule("tok_embeddings.weight", "model.embed_tokens.weight"),
+            Rule(f"{L}attention.{qkv_prefix}wq.weight", f"{H}self_attn.q_proj.weight", _rope_q(True), _rope_q(False)),
+            Rule(f"{L}attention.{qkv_prefix}wk.weight", f"{H}self_attn.k_proj.weight", _rope_k(True), _rope_k(False)),
+            Rule(f"{L}attention.{qkv_prefix}wv.weight", f"{H}self_attn.v_proj.weight"),
+            Rule(f"{L}attention.wo.weight", f"{H}self_attn.o_proj.weight"),
+            Rule(f"{L}feed_forward.w1.weight", f"{H}mlp.gate_proj.weight"),
+            Rule(f"{L}feed_forward.w3.weight", f"{H}mlp.up_proj.weight"),
+            Rule(f"{L}feed_forward.w2.weight", f"{H}mlp.down_proj.weight"),
+            Rule(f"{L}attention_norm.weight", f"{H}input_layernorm.weight"),
+            Rule(f"{L}ffn_norm.weight", f"{H}post_attention_layernorm.weight"),
+            Rule("norm.weight", "model.norm.weight"),
+            Rule(f"{head}.weight", "lm_head.weight"),
+        ],
+        TRAINING_DROPS,
+    )
+
+
+TRAINING_DROPS = [
+    Drop(r"^optimizer(\.|$)", "optimizer state (training only)"),
+    Drop(r"^lr_scheduler(\.|$)", "learning-rate scheduler state (training only)"),
+    Drop(r"^dataloader(\.|$)", "dataloader state (training only)"),
+    Drop(r"^train_state(\.|$)", "train step counters (training only)"),
+    Drop(r"(^|\.)freqs_cis$", "RoPE buffer; transformers recomputes it from rope_parameters"),
+]
+
+# Native argument names accepted in --model-args, beyond TorchTitan's dataclass fields.
+_EXTRA_FIELDS = {"tie_word_embeddings", "bos_token_id", "eos_token_id", "rope_scaling", "flavor"}
+_REQUIRED_MSG = (
+    "{field} cannot be determined from the checkpoint's tensor shapes; provide it in --model-args "
+    "(a JSON/YAML file such as {{\"{field}\": ...}}, a TorchTitan job TOML, or a flavor name: {flavors})"
+)
+
+
+def _flavor(name: str) -> dict[str, Any]:
+    args = {k: (dict(v) if isinstance(v, dict) else v) for k, v in LLAMA3_DEFAULTS.items()}
+    args.update(LLAMA3_FLAVORS[name])
+    args["flavor"] = name
+    return args
+
+
+def load_llama3_args(value: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """--model-args value: a dict, a JSON/YAML file, a TorchTitan job TOML, or a flavor name."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        args = dict(value)
+    elif os.path.isfile(value):
+        args = load_args_file(value)
+        if isinstance(args.get("model"), dict) and "flavor" in args["model"]:  # TorchTitan job TOML
+            job = args
+            model = job["model"]
+            if model.get("name", "llama3") not in ("llama3", "llama3_ft"):
+                raise ModelArgsError(f"{value}: [model] name = {model['name']!r} is not a Llama 3 model")
+            if model["flavor"] not in LLAMA3_FLAVORS:
+                raise ModelArgsError(f"{value}: [model] flavor {model['flavor']!r} is unknown; known: {', '.join(LLAMA3_FLAVORS)}")
+            args = _flavor(model["flavor"])
+            seq_len = job.get("training", {}).get("seq_len")
+            if seq_len:
+                args["max_seq_len"] = int(seq_len)
+        elif "flavor" in args:
+            if args["flavor"] not in LLAMA3_FLAVORS:
+                raise ModelArgsError(f"{value}: flavor {args['flavor']!r} is unknown; known: {', '.join(LLAMA3_FLAVORS)}")
+            args = {**_flavor(args["flavor"]), **args}
+    elif value in LLAMA3_FLAVORS:
+        args = _flavor(value)
+    else:
+        raise ModelArgsError(
+            f"--model-args {value!r}: no such file, and not a TorchTitan llama3 flavor ({', '.join(LLAMA3_FLAVORS)})"
+        )
+    if "rope_scaling" in args:  # accept the shorter name too
+        args["rope_scaling_args"] = args.pop("rope_scaling")
+    unknown = sorted(set(args) - set(LLAMA3_DEFAULTS) - _EXTRA_FIELDS)
+    if unknown:
+        raise ModelArgsError(
+            f"--model-args: unknown field(s) {', '.join(unknown)}; TorchTitan llama3 fields are "
+            f"{', '.join(sorted(set(LLAMA3_DEFAULTS) | _EXTRA_FIELDS))}"
+        )
+    return args
+
+
+def _same_data(a: LazyTensor, b: LazyTensor) -> bool:
+    if a.shape != b.shape or a.dtype is not b.dtype:
+        return False
+    return all(np.array_equal(a.read_rows(lo, hi), b.read_rows(lo, hi)) for lo, hi in row_blocks(a.shape, a.dtype.itemsize))
+
+
+class TorchTitanAdapter(Adapter):
+    name = "torchtitan"
+    description = "TorchTitan DCP checkpoints (step-N folders, model-only or full training state); Llama 3 family"
+    families = ("llama3",)
+
+    def load_args(self, value: str | Mapping[str, Any] | None) -> dict[str, Any]:
+        return load_llama3_args(value)
+
+    # ---- detection -------------------------------------------------------------------------
+    def detect_family(self, ckpt: Checkpoint) -> str:
+        keys = set(ckpt.tensors)
+        model_keys = {k for k in keys if not any(re.search(d.pattern, k) for d in TRAINING_DROPS)}
+        if "tok_embeddings.weight" in keys and any(k.endswith("feed_forward.w1.weight") for k in keys):
+            if any(k.endswith((".q_norm.weight", ".k_norm.weight")) for k in keys):
+                raise MappingError(f"{ckpt.path}: TorchTitan checkpoint with q_norm/k_norm (Qwen3): not supported yet")
+            if any(".moe." in k for k in keys):
+                raise MappingError(f"{ckpt.path}: TorchTitan checkpoint with MoE layers: not supported yet")
+            return "llama3"
+        sample = ", ".join(sorted(model_keys)[:5]) or "(no tensors)"
+        raise MappingError(
+            f"{ckpt.path}: not a TorchTitan Llama checkpoint (expected tok_embeddings.weight and "
+            f"layers.N.feed_forward.w1.weight); found keys like: {sample}"
+        )
+
+    # ---- hyperparameters -------------------------------------------------------------------
+    def resolve_args(self, tensors: Mapping[str, LazyTensor], user: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Combine user args with what the tensor shapes determine; contradictions are errors."""
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in tensors:
+                raise MappingError(f"{where}: missing tensor {key!r}")
+            return tensors[key].shape
+
+        def check(field: str, from_shapes: Any, source: str) -> Any:
+            given = user.get(field)
+            if given is not None and given != -1 and given != from_shapes:
+                raise ModelArgsError(
+                    f"--model-args {field}={given} contradicts the checkpoint: {source} implies {field}={from_shapes}"
+                )
+            return from_shapes
+
+        flavors = ", ".join(LLAMA3_FLAVORS)
+        qkv = "qkv_linear." if "layers.0.attention.qkv_linear.wq.weight" in tensors else ""
+        vocab, dim = shape("tok_embeddings.weight")
+        layer_ids = {int(m.group(1)) for k in tensors if (m := re.match(r"^layers\.(\d+)\.", k))}
+        n_layers = max(layer_ids) + 1 if layer_ids else 0
+        if layer_ids != set(range(n_layers)) or not n_layers:
+            missing = sorted(set(range(n_layers)) - layer_ids)
+            raise MappingError(f"{where}: transformer layers are missing: {missing or 'all'}")
+        q_rows = shape(f"layers.0.attention.{qkv}wq.weight")[0]
+        kv_rows = shape(f"layers.0.attention.{qkv}wk.weight")[0]
+        ffn = shape("layers.0.feed_forward.w1.weight")[0]
+        a: dict[str, Any] = {
+            "dim": check("dim", dim, f"tok_embeddings.weight {list((vocab, dim))}"),
+            "vocab_size": check("vocab_size", vocab, f"tok_embeddings.weight {list((vocab, dim))}"),
+            "n_layers": check("n_layers", n_layers, f"{n_layers} layers.N blocks"),
+        }
+        n_heads = user.get("n_heads")
+        if n_heads is None:
+            raise ModelArgsError(_REQUIRED_MSG.format(field="n_heads", flavors=flavors))
+        if q_rows % n_heads or (q_rows // n_heads) % 2:
+            raise ModelArgsError(
+                f"--model-args n_heads={n_heads} contradicts the checkpoint: layers.0.attention.{qkv}wq.weight has "
+                f"{q_rows} rows, not a multiple of 2*n_heads"
+            )
+        head_dim = q_rows // n_heads
+        if kv_rows % head_dim:
+            raise ModelArgsError(
+                f"--model-args n_heads={n_heads} gives head_dim={head_dim}, but layers.0.attention.{qkv}wk.weight has "
+                f"{kv_rows} rows (not a multiple of head_dim)"
+            )
+        a["n_heads"], a["head_dim"] = n_heads, head_dim
+        a["n_kv_heads"] = check("n_kv_heads", kv_rows // head_dim, f"layers.0.attention.{qkv}wk.weight ({kv_rows} rows)")
+        if "multiple_of" in user or "ffn_dim_multiplier" in user:
+            expect = llama3_ffn_hidden_dim(dim, user.get("multiple_of", 256), user.get("ffn_dim_multiplier"))
+            if expect != ffn:
+                raise ModelArgsError(
+                    f"--model-args multiple_of={user.get('multiple_of', 256)}, ffn_dim_multiplier="
+                    f"{user.get('ffn_dim_multiplier')} give an FFN width of {expect}, but "
+                    f"layers.0.feed_forward.w1.weight has {ffn} rows"
+                )
+        a["ffn_hidden_dim"] = ffn
+        if user.get("rope_theta") is None:
+            raise ModelArgsError(_REQUIRED_MSG.format(field="rope_theta", flavors=flavors))
+        a["rope_theta"] = float(user["rope_theta"])
+        if "rope_scaling_args" not in user:
+            raise ModelArgsError(
+                "rope_scaling_args cannot be determined from the checkpoint: current TorchTitan applies Llama 3.1 "
+                f"scaling by default ({LLAMA3_ROPE_SCALING_DEFAULTS}), versions before it applied none. Set "
+                "rope_scaling_args in --model-args to that mapping, or to null for unscaled RoPE"
+            )
+        scaling = user["rope_scaling_args"]
+        if scaling is not None:
+            unknown = set(scaling) - set(LLAMA3_ROPE_SCALING_DEFAULTS)
+            if unknown:
+                raise ModelArgsError(f"--model-args rope_scaling_args: unknown field(s) {', '.join(sorted(unknown))}")
+            scaling = {**LLAMA3_ROPE_SCALING_DEFAULTS, **scaling}
+        a["rope_scaling_args"] = scaling
+        a["norm_eps"] = float(user.get("norm_eps", LLAMA3_DEFAULTS["norm_eps"]))
+        a["max_seq_len"] = int(user.get("max_seq_len", LLAMA3_DEFAULTS["max_seq_len"]))
+        has_head = "output.weight" in tensors or "lm_head.weight" in tensors
+        tie = user.get("tie_word_embeddings", user.get("enable_weight_tying"))
+        if tie is None:
+            tie = not has_head
+        if not tie and not has_head:
+            raise MappingError(f"{where}: no output.weight although the model args say embeddings are untied")
+        a["tie_word_embeddings"] = bool(tie)
+        a["key_style"] = "qkv_linear" if qkv else "legacy"
+        for k in ("bos_token_id", "eos_token_id", "flavor"):
+            if user.get(k) is not None:
+                a[k] = user[k]
+        return a
+
+    def hf_config(self, a: Mapping[str, Any]) -> dict[str, Any]:
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": a["rope_theta"]}
+        if a["rope_scaling_args"]:
+            s = a["rope_scaling_args"]
+            rope = {
+                "rope_type": "llama3",
+                "rope_theta": a["rope_theta"],
+                "factor": float(s["scaling_factor"]),
+                "low_freq_factor": float(s["low_freq_factor"]),
+                "high_freq_factor": float(s["high_freq_factor"]),
+                "original_max_position_embeddings": int(s["original_max_position_embeddings"]),
+            }
+        cfg = {
+            "vocab_size": a["vocab_size"],
+            "hidden_size": a["dim"],
+            "intermediate_size": a["ffn_hidden_dim"],
+            "num_hidden_layers": a["n_layers"],
+            "num_attention_heads": a["n_heads"],
+            "num_key_value_heads": a["n_kv_heads"],
+            "head_dim": a["head_dim"],
+            "hidden_act": "silu",
+            "max_position_embeddings": a["max_seq_len"],
+            "rms_norm_eps": a["norm_eps"],
+            "rope_parameters": rope,
+            "tie_word_embeddings": a["tie_word_embeddings"],
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+        # Unknown special tokens stay unset rather than inheriting LlamaConfig's defaults (1 and 2),
+        # which would silently disagree with the tokenizer.
+        for k in ("bos_token_id", "eos_token_id"):
+            cfg[k] = a.get(k)
+        return cfg
+
+    # ---- mapping ---------------------------------------------------------------------------
+    def _table(self, a: Mapping[str, Any], head: str = "output") -> MappingTable:
+        return _llama3_table("qkv_linear." if a.get("key_style") == "qkv_linear" else "", head)
+
+    def to_hf(self, tensors: Mapping[str, LazyTensor], args: Mapping[str, Any], family: str = "llama3") -> list[Target]:
+        head = "lm_head" if "lm_head.weight" in tensors else "output"
+        targets, _ = self._table(args, head).apply(tensors, args)
+        return targets
+
+    def from_hf(self, tensors: Mapping[str, LazyTensor], args: Mapping[str, Any], family: str = "llama3") -> list[Target]:
+        targets, _ = self._table(args).inverse().apply(tensors, args, where="HF tensors")
+        return targets
+
+    def plan(self, ckpt: Checkpoint, family: str, user_args: Mapping[str, Any]) -> ConversionPlan:
+        tensors = dict(ckpt.tensors)
+        if tensors and all(k.startswith("model.") for k in tensors if not re.match(r"^(optimizer|lr_scheduler|dataloader|train_state)", k)):
+            tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
+        a = self.resolve_args(tensors, user_args, ckpt.path)
+        dropped: dict[str, str] = {}
+        head = "lm_head" if "lm_head.weight" in tensors else "output"
+        if a["tie_word_embeddings"] and f"{head}.weight" in tensors:
+            if not _same_data(tensors[f"{head}.weight"], tensors["tok_embeddings.weight"]):
+                raise MappingError(
+                    f"{ckpt.path}: model args say embeddings are tied, but {head}.weight differs from tok_embeddings.weight"
+                )
+            dropped[f"{head}.weight"] = "tied to tok_embeddings.weight (identical data)"
+            del tensors[f"{head}.weight"]
+        targets, table_drops = self._table(a, head).apply(tensors, a, where=ckpt.path)
+        dropped.update(table_drops)
+        for entry in ckpt.entries:
+            reason = next((d.reason for d in TRAINING_DROPS if re.search(d.pattern, entry)), None)
+            if reason is None:
+                raise MappingError(f"{ckpt.path}: non-tensor entry {entry!r} matches no known TorchTitan state")
+            dropped[entry] = reason
+        expected = {
+            name.format(i=i)
+            for rule in self._table(a, head).rules
+            for name in [rule.dst]
+            for i in (range(a["n_layers"]) if "{i}" in name else [0])
+            if not (a["tie_word_embeddings"] and name == "lm_head.weight")
+        }
+        missing = expected - {t.name for t in targets}
+        if missing:
+            inv = {r.dst: r.src for r in self._table(a, head).rules}
+            names = sorted(missing)[:10]
+            raise MappingError(
+                f"{ckpt.path}: checkpoint lacks tensors needed by the model: "
+                + ", ".join(_native_name(n, inv) for n in names)
+            )
+        order = {n: i for i, n in enumerate(_hf_order(a["n_layers"]))}
+        targets.sort(key=lambda t: order.get(t.name, len(order)))
+        gen = {k: a.get(k) for k in ("bos_token_id", "eos_token_id")}
+        return ConversionPlan(
+            adapter=self.name,
+            family=family,
+            targets=targets,
+            dropped=dropped,
+            model_type="llama",
+            config=self.hf_config(a),
+            generation_config=gen,
+            native_args=a,
+        )
+
+
+def _native_name(hf_name: str, inverse: Mapping[str, str]) -> str:
+    m = re.match(r"^model\.layers\.(\d+)\.(.*)$", hf_name)
+    if m:
+        pattern = inverse.get(f"model.layers.{{i}}.{m.group(2)}", hf_name)
+        return pattern.format(i=m.group(1))
+    return inverse.get(hf_name, hf_name)
+
+
+def _hf_order(n_layers: int) -> list[str]:
+    """Output order: embeddings, layers in order, final norm, head (as transformers saves them)."""
+    per_layer = [
+        "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    ]
+    names = ["model.embed_tokens.weight"]
+    names += [f"model.layers.{i}.{p}" for i in range(n_layers) for p in per_layer]
+    return names + ["model.norm.weight", "lm_head.weight"]
+
+
+register(TorchTitanAdapter())

@@ -1,0 +1,109 @@
+"""The `hubconv` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+from hubconv import __version__
+from hubconv.errors import HubconvError
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a native checkpoint into a transformers model folder",
+        description="Convert a native training checkpoint into a Hugging Face transformers folder "
+        "(sharded safetensors, config.json, generation_config.json), streaming tensor by tensor.",
+    )
+    p.add_argument("--adapter", required=True, help="source framework, optionally with family: torchtitan, torchtitan:llama3")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or file (TorchTitan: the DCP step-N folder)")
+    p.add_argument("--output", required=True, help="output folder (written to a temporary folder, then renamed)")
+    p.add_argument(
+        "--model-args",
+        help="native hyperparameters: JSON/YAML file, TorchTitan job TOML, or a named flavor such as 8B",
+    )
+    p.add_argument("--dtype", default="auto", help="auto (keep source dtype), bfloat16, float16 or float32")
+    p.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from hubconv.convert import convert
+
+    r = convert(
+        args.adapter,
+        args.checkpoint,
+        args.output,
+        model_args=args.model_args,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not (args.quiet or args.json),
+    )
+    if args.json:
+        json.dump(
+            {
+                "output": r.output, "adapter": r.adapter, "family": r.family, "files": r.files,
+                "dropped": r.dropped, "config": r.config, "seconds": round(r.seconds, 3),
+            },
+            sys.stdout,
+            indent=2,
+        )
+        print()
+        return 0
+    total = sum(r.files.values())
+    print(f"converted {args.checkpoint} with {r.adapter}:{r.family} -> {r.output} in {r.seconds:.1f}s")
+    for name, size in r.files.items():
+        print(f"  {name:40s} {size:>15,d} bytes")
+    print(f"  {'total':40s} {total:>15,d} bytes")
+    if r.dropped:
+        print("dropped source entries:")
+        for reason, n in Counter(r.dropped.values()).most_common():
+            print(f"  {n:5d} x {reason}")
+    for note in r.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _add_adapters(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapters", help="list registered adapters", description="List registered adapters.")
+    p.set_defaults(func=_cmd_adapters)
+
+
+def _cmd_adapters(args: argparse.Namespace) -> int:
+    from hubconv.adapters.registry import available
+
+    for name, adapter in available().items():
+        print(f"{name:12s} {adapter.description} [families: {', '.join(adapter.families)}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hubconv",
+        description="Publish native LLM training checkpoints to the Hugging Face Hub as verified transformers models.",
+    )
+    parser.add_argument("--version", action="version", version=f"hubconv {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(sub)
+    _add_adapters(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HubconvError as e:
+        print(f"hubconv: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hubconv: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,143 @@
+"""`hubconv convert`: native checkpoint -> transformers model folder, streamed and atomic."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hubconv import __version__
+from hubconv.adapters import registry
+from hubconv.adapters.base import ConversionPlan
+from hubconv.dtypes import parse_user_dtype
+from hubconv.errors import OutputError
+from hubconv.hf_target import TargetCheck, compare
+from hubconv.io.checkpoint import open_checkpoint
+from hubconv.io.writer import ShardPlan, parse_size, plan_shards, write_model
+
+# Room left free for config/tokenizer files and filesystem overhead when checking disk space.
+_DISK_MARGIN = 16 * 1024 * 1024
+
+
+@dataclass
+class ConvertResult:
+    output: str
+    adapter: str
+    family: str
+    files: dict[str, int]
+    dropped: dict[str, str]
+    config: dict[str, Any]
+    native_args: dict[str, Any]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _staging_dir(output: str) -> str:
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    os.makedirs(parent, exist_ok=True)
+    return os.path.join(parent, f".{os.path.basename(os.path.abspath(output))}.hubconv-tmp-{os.getpid()}")
+
+
+def _publish(staging: str, output: str) -> None:
+    """Move the finished folder into place; an existing output (with --overwrite) is replaced."""
+    if os.path.exists(output):
+        old = f"{staging}-old"
+        os.rename(output, old)
+        os.rename(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, output)
+
+
+def build_plan(adapter_spec: str, ckpt: Any, model_args: str | Mapping[str, Any] | None) -> ConversionPlan:
+    adapter, family = registry.get(adapter_spec)
+    family = family or adapter.detect_family(ckpt)
+    return adapter.plan(ckpt, family, adapter.load_args(model_args))
+
+
+def convert(
+    adapter: str,
+    checkpoint: str,
+    output: str,
+    *,
+    model_args: str | Mapping[str, Any] | None = None,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConvertResult:
+    """Convert `checkpoint` with `adapter` into the HF folder `output` (written atomically)."""
+    start = time.monotonic()
+    if os.path.exists(output) and not overwrite:
+        raise OutputError(f"{output}: already exists (pass --overwrite to replace it)")
+    out_dtype = parse_user_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
+    with open_checkpoint(checkpoint) as ckpt:
+        plan = build_plan(adapter, ckpt, model_args)
+        targets = {t.name: t for t in plan.targets}
+        dtypes = {t.name: (out_dtype if out_dtype and t.dtype.is_float else t.dtype) for t in plan.targets}
+        dominant = max(plan.targets, key=lambda t: t.dtype.itemsize * _numel(t.shape))
+        shards = plan_shards(
+            [(t.name, dtypes[t.name], t.shape) for t in plan.targets],
+            shard_bytes,
+            {"format": "pt", "converted_by": f"hubconv {__version__}", "source_adapter": plan.adapter},
+        )
+        staging = _staging_dir(output)
+        shutil.rmtree(staging, ignore_errors=True)
+        check: TargetCheck | None = None
+        try:
+            os.makedirs(staging)
+            _check_free_space(staging, shards)
+            check = TargetCheck(plan.model_type, plan.config, plan.generation_config, staging, str(dtypes[dominant.name]))
+            write_model(shards, targets, staging, show_progress=progress)
+            compare(check.result(), {t.name: t.shape for t in plan.targets})
+            with open(os.path.join(staging, "hubconv.json"), "w") as f:
+                json.dump(_record(plan, checkpoint), f, indent=2)
+                f.write("\n")
+            _publish(staging, output)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise OutputError(f"{output}: no space left on the device while writing; nothing was written") from None
+            raise OutputError(f"{output}: {e.strerror or e}") from None
+        finally:
+            if check is not None:
+                check.cancel()
+            shutil.rmtree(staging, ignore_errors=True)
+    files = {n: os.path.getsize(os.path.join(output, n)) for n in sorted(os.listdir(output))}
+    return ConvertResult(
+        output, plan.adapter, plan.family, files, plan.dropped, plan.config, plan.native_args,
+        time.monotonic() - start, plan.notes,
+    )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _check_free_space(folder: str, shards: ShardPlan) -> None:
+    need = sum(shards.file_sizes().values()) + _DISK_MARGIN
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OutputError(
+            f"{folder}: not enough free disk space: the model needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+        )
+
+
+def _record(plan: ConversionPlan, checkpoint: str) -> dict[str, Any]:
+    """Provenance written next to the weights (`hubconv.json`)."""
+    return {
+        "hubconv_version": __version__,
+        "adapter": plan.adapter,
+        "family": plan.family,
+        "checkpoint": os.path.abspath(checkpoint),
+        "native_args": plan.native_args,
+        "dropped": plan.dropped,
+    }

@@ -1,0 +1,163 @@
+"""Allow-list unpickling of DCP `.metadata` and torch.save `data.pkl` records without importing torch.
+
+torch's own DCP reader calls plain `pickle.load` on `.metadata`, which runs arbitrary code from a
+downloaded checkpoint. Here every global is looked up in an allow-list of inert stand-in classes;
+anything else is refused. The stand-ins keep only what a reader needs (dtype names, sizes,
+offsets, file ranges), and skipping torch keeps `hubconv convert` start-up fast.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections import OrderedDict
+from typing import Any
+
+
+class _Record:
+    """Generic stand-in: accepts constructor args, dataclass state or `__setstate__` dicts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.__dict__.update(kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state
+
+
+class Metadata(_Record):
+    state_dict_metadata: dict[str, Any]
+    storage_data: dict[Any, Any]
+
+
+class TensorStorageMetadata(_Record):
+    pass
+
+
+class BytesStorageMetadata(_Record):
+    pass
+
+
+class ChunkStorageMetadata(_Record):
+    pass
+
+
+class TensorProperties(_Record):
+    pass
+
+
+class StorageMeta(_Record):
+    pass
+
+
+class StorageInfo(_Record):
+    relative_path: str
+    offset: int
+    length: int
+
+
+class MetadataIndex(_Record):
+    fqn: str
+
+    def __hash__(self) -> int:
+        return hash((self.fqn, tuple(getattr(self, "offset", None) or ())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MetadataIndex) and (self.fqn, getattr(self, "offset", None)) == (
+            other.fqn,
+            getattr(other, "offset", None),
+        )
+
+
+class TorchDtype(str):
+    """A torch dtype, kept as its name (`bfloat16`)."""
+
+
+class StorageType(str):
+    """A typed storage class such as `BFloat16Storage`, kept as its name."""
+
+
+class _Enum(_Record):
+    pass
+
+
+def _size(*args: Any) -> tuple[int, ...]:
+    return tuple(args[0]) if args else ()
+
+
+def _path(*parts: str) -> str:
+    return "/".join(parts)
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
+class RebuiltTensor(_Record):
+    """What `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)` describes."""
+
+    def __init__(self, storage: Any, storage_offset: int, size: tuple[int, ...], stride: tuple[int, ...], *rest: Any):
+        self.storage = storage
+        self.storage_offset = storage_offset
+        self.size = tuple(size)
+        self.stride = tuple(stride)
+
+
+_DTYPES = {
+    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+    "bool", "float8_e4m3fn", "float8_e5m2",
+}
+_STORAGES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+}
+_META = "torch.distributed.checkpoint.metadata"
+_ALLOWED: dict[tuple[str, str], Any] = {
+    (_META, "Metadata"): Metadata,
+    (_META, "TensorStorageMetadata"): TensorStorageMetadata,
+    (_META, "BytesStorageMetadata"): BytesStorageMetadata,
+    (_META, "ChunkStorageMetadata"): ChunkStorageMetadata,
+    (_META, "TensorProperties"): TensorProperties,
+    (_META, "StorageMeta"): StorageMeta,
+    (_META, "MetadataIndex"): MetadataIndex,
+    (_META, "_MEM_FORMAT_ENCODING"): _Enum,
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): StorageInfo,
+    ("torch.serialization", "_get_layout"): _ignore,
+    ("torch", "Size"): _size,
+    ("pathlib", "PosixPath"): _path,
+    ("pathlib", "WindowsPath"): _path,
+    ("pathlib", "PurePosixPath"): _path,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): RebuiltTensor,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, what: str):
+        super().__init__(io.BytesIO(data))
+        self.what = what
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _DTYPES:
+            return TorchDtype(name)  # dtypes are pickled as globals and used as values
+        if module == "torch" and name in _STORAGES:
+            return StorageType(_STORAGES[name])
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"{self.what}: refusing to load {module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        # torch.save storages: ('storage', storage_type, key, location, numel)
+        return pid
+
+
+def loads(data: bytes, what: str) -> Any:
+    """Unpickle `data` with the allow-list; `what` names the file in error messages."""
+    return _Unpickler(data, what).load()

@@ -1,0 +1,214 @@
+"""Streaming, sharded safetensors writer.
+
+Written by hand because `safetensors.torch.save_file` and huggingface_hub's
+`save_torch_state_dict` need every tensor of a shard in memory at once. Here the shard plan
+(which tensor goes to which file at which byte offset) is computed up front from metadata
+alone, deterministically; then each tensor is either copied from its source file inside the
+kernel (`os.copy_file_range`, when it needs no transform) or written block by block.
+Memory stays at about one block whatever the model size.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hubconv.dtypes import DType, cast
+from hubconv.errors import OutputError
+from hubconv.io.tensor import numel
+from hubconv.transforms import Target
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    begin: int  # offset in the shard's data section
+    end: int
+
+
+@dataclass
+class Shard:
+    filename: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def data_bytes(self) -> int:
+        return self.tensors[-1].end if self.tensors else 0
+
+    def header(self, metadata: dict[str, str]) -> bytes:
+        """The safetensors header, space-padded to a multiple of 8 bytes (as the Rust writer does)."""
+        h: dict[str, object] = {"__metadata__": metadata}
+        for t in self.tensors:
+            h[t.name] = {"dtype": t.dtype.name, "shape": list(t.shape), "data_offsets": [t.begin, t.end]}
+        raw = json.dumps(h, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw
+
+
+@dataclass
+class ShardPlan:
+    shards: list[Shard]
+    metadata: dict[str, str]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.data_bytes for s in self.shards)
+
+    def file_sizes(self) -> dict[str, int]:
+        return {s.filename: len(s.header(self.metadata)) + s.data_bytes for s in self.shards}
+
+    def index(self) -> dict[str, object] | None:
+        if len(self.shards) == 1:
+            return None
+        weight_map = {t.name: s.filename for s in self.shards for t in s.tensors}
+        return {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+
+
+def parse_size(value: str | int) -> int:
+    """`5GB`, `500MB`, `2GiB` or a byte count -> bytes (GB = 10**9, like transformers)."""
+    if isinstance(value, int):
+        return value
+    s = value.strip().upper()
+    units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise OutputError(f"invalid size {value!r} (use e.g. 5GB, 500MB or a byte count)") from None
+
+
+def plan_shards(
+    tensors: list[tuple[str, DType, tuple[int, ...]]], max_shard_bytes: int, metadata: dict[str, str] | None = None
+) -> ShardPlan:
+    """Greedy, order-preserving packing into shards of at most `max_shard_bytes` of data
+    (a tensor bigger than the limit gets a shard of its own)."""
+    groups: list[list[PlannedTensor]] = [[]]
+    offset = 0
+    for name, dtype, shape in tensors:
+        size = numel(shape) * dtype.itemsize
+        if groups[-1] and offset + size > max_shard_bytes:
+            groups.append([])
+            offset = 0
+        groups[-1].append(PlannedTensor(name, dtype, tuple(shape), offset, offset + size))
+        offset += size
+    n = len(groups)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return ShardPlan([Shard(f, g) for f, g in zip(names, groups)], metadata or {"format": "pt"})
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+class _Copier:
+    """Moves file ranges into the output, inside the kernel when the filesystem allows it."""
+
+    def __init__(self) -> None:
+        self.kernel_copy = hasattr(os, "copy_file_range")
+        self._fds: dict[str, int] = {}
+
+    def _src(self, path: str) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def copy(self, path: str, src_off: int, dst: int, dst_off: int, n: int) -> None:
+        src = self._src(path)
+        while n > 0:
+            if self.kernel_copy:
+                try:
+                    done = os.copy_file_range(src, dst, min(n, 1 << 30), src_off, dst_off)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self.kernel_copy = False
+                    continue
+                if done == 0:
+                    raise OutputError(f"{path}: ended early while copying tensor data")
+            else:
+                buf = os.pread(src, min(n, 1 << 26), src_off)
+                if not buf:
+                    raise OutputError(f"{path}: ended early while copying tensor data")
+                _write_all(dst, memoryview(buf), dst_off)
+                done = len(buf)
+            src_off, dst_off, n = src_off + done, dst_off + done, n - done
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+
+
+def write_shard(
+    shard: Shard,
+    metadata: dict[str, str],
+    targets: dict[str, Target],
+    path: str,
+    copier: _Copier,
+    progress: Callable[[int], None],
+) -> None:
+    """Write one shard file: header, then each tensor at its planned offset."""
+    header = shard.header(metadata)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, memoryview(header), 0)
+        base = len(header)
+        for planned in shard.tensors:
+            t = targets[planned.name]
+            pos = base + planned.begin
+            segments = t.segments() if t.dtype is planned.dtype else None
+            if segments is not None:
+                for seg in segments:
+                    copier.copy(seg.path, seg.offset, fd, pos, seg.nbytes)
+                    pos += seg.nbytes
+                    progress(seg.nbytes)
+            else:
+                for block in t.blocks():
+                    out = cast(block, t.dtype, planned.dtype, what=f"tensor {planned.name!r}")
+                    data = memoryview(np.ascontiguousarray(out)).cast("B")
+                    _write_all(fd, data, pos)
+                    pos += len(data)
+                    progress(len(data))
+            if pos != base + planned.end:
+                raise OutputError(
+                    f"tensor {planned.name!r}: produced {pos - base - planned.begin} bytes, "
+                    f"planned {planned.end - planned.begin}"
+                )
+    finally:
+        os.close(fd)
+
+
+def write_model(plan: ShardPlan, targets: dict[str, Target], out_dir: str, *, show_progress: bool = True) -> None:
+    """Write every shard (and the index when sharded) into `out_dir`, which must exist."""
+    from tqdm.auto import tqdm
+
+    copier = _Copier()
+    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="writing", disable=not show_progress or None)
+    try:
+        for shard in plan.shards:
+            write_shard(shard, plan.metadata, targets, os.path.join(out_dir, shard.filename), copier, bar.update)
+        index = plan.index()
+        if index is not None:
+            with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+    finally:
+        bar.close()
+        copier.close()
