@@ -46,6 +46,7 @@ _ALL = [
     DType("I8", 1, "int8", "int8", False),
     DType("U8", 1, "uint8", "uint8", False),
     DType("BOOL", 1, "bool", "bool", False),
+    DType("C64", 8, "complex64", "complex64", False),
 ]
 BY_NAME: dict[str, DType] = {d.name: d for d in _ALL}
 BY_TORCH_NAME: dict[str, DType] = {d.torch_name: d for d in _ALL}

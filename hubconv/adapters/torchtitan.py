@@ -138,7 +138,7 @@ class TorchTitanAdapter(Adapter):
 
     # ---- detection -------------------------------------------------------------------------
     def detect_family(self, ckpt: Checkpoint) -> str:
-        keys = set(ckpt.tensors)
+        keys = set(_model_view(ckpt.tensors))
         model_keys = {k for k in keys if not any(re.search(d.pattern, k) for d in TRAINING_DROPS)}
         if "tok_embeddings.weight" in keys and any(k.endswith("feed_forward.w1.weight") for k in keys):
             if any(k.endswith((".q_norm.weight", ".k_norm.weight")) for k in keys):
@@ -229,12 +229,15 @@ class TorchTitanAdapter(Adapter):
         a["max_seq_len"] = int(user.get("max_seq_len", LLAMA3_DEFAULTS["max_seq_len"]))
         has_head = "output.weight" in tensors or "lm_head.weight" in tensors
         tie = user.get("tie_word_embeddings", user.get("enable_weight_tying"))
-        if tie is None:
-            tie = not has_head
+        if tie is None:  # not stated: tied when there is no head, or the head is a copy of the embeddings
+            head_tensor = tensors.get("output.weight") or tensors.get("lm_head.weight")
+            tie = head_tensor is None or _same_data(head_tensor, tensors["tok_embeddings.weight"])
         if not tie and not has_head:
             raise MappingError(f"{where}: no output.weight although the model args say embeddings are untied")
         a["tie_word_embeddings"] = bool(tie)
         a["key_style"] = "qkv_linear" if qkv else "legacy"
+        # The output projection was renamed `lm_head` in the same TorchTitan generation as qkv_linear.
+        a["head_key"] = "lm_head" if "lm_head.weight" in tensors or (qkv and not has_head) else "output"
         for k in ("bos_token_id", "eos_token_id", "flavor"):
             if user.get(k) is not None:
                 a[k] = user[k]
@@ -275,12 +278,11 @@ class TorchTitanAdapter(Adapter):
         return cfg
 
     # ---- mapping ---------------------------------------------------------------------------
-    def _table(self, a: Mapping[str, Any], head: str = "output") -> MappingTable:
-        return _llama3_table("qkv_linear." if a.get("key_style") == "qkv_linear" else "", head)
+    def _table(self, a: Mapping[str, Any]) -> MappingTable:
+        return _llama3_table("qkv_linear." if a.get("key_style") == "qkv_linear" else "", a.get("head_key", "output"))
 
     def to_hf(self, tensors: Mapping[str, LazyTensor], args: Mapping[str, Any], family: str = "llama3") -> list[Target]:
-        head = "lm_head" if "lm_head.weight" in tensors else "output"
-        targets, _ = self._table(args, head).apply(tensors, args)
+        targets, _ = self._table(args).apply(tensors, args)
         return targets
 
     def from_hf(self, tensors: Mapping[str, LazyTensor], args: Mapping[str, Any], family: str = "llama3") -> list[Target]:
@@ -288,12 +290,10 @@ class TorchTitanAdapter(Adapter):
         return targets
 
     def plan(self, ckpt: Checkpoint, family: str, user_args: Mapping[str, Any]) -> ConversionPlan:
-        tensors = dict(ckpt.tensors)
-        if tensors and all(k.startswith("model.") for k in tensors if not re.match(r"^(optimizer|lr_scheduler|dataloader|train_state)", k)):
-            tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
+        tensors = _model_view(ckpt.tensors)
         a = self.resolve_args(tensors, user_args, ckpt.path)
         dropped: dict[str, str] = {}
-        head = "lm_head" if "lm_head.weight" in tensors else "output"
+        head = a["head_key"]
         if a["tie_word_embeddings"] and f"{head}.weight" in tensors:
             if not _same_data(tensors[f"{head}.weight"], tensors["tok_embeddings.weight"]):
                 raise MappingError(
@@ -301,7 +301,7 @@ class TorchTitanAdapter(Adapter):
                 )
             dropped[f"{head}.weight"] = "tied to tok_embeddings.weight (identical data)"
             del tensors[f"{head}.weight"]
-        targets, table_drops = self._table(a, head).apply(tensors, a, where=ckpt.path)
+        targets, table_drops = self._table(a).apply(tensors, a, where=ckpt.path)
         dropped.update(table_drops)
         for entry in ckpt.entries:
             reason = next((d.reason for d in TRAINING_DROPS if re.search(d.pattern, entry)), None)
@@ -310,14 +310,14 @@ class TorchTitanAdapter(Adapter):
             dropped[entry] = reason
         expected = {
             name.format(i=i)
-            for rule in self._table(a, head).rules
+            for rule in self._table(a).rules
             for name in [rule.dst]
             for i in (range(a["n_layers"]) if "{i}" in name else [0])
             if not (a["tie_word_embeddings"] and name == "lm_head.weight")
         }
         missing = expected - {t.name for t in targets}
         if missing:
-            inv = {r.dst: r.src for r in self._table(a, head).rules}
+            inv = {r.dst: r.src for r in self._table(a).rules}
             names = sorted(missing)[:10]
             raise MappingError(
                 f"{ckpt.path}: checkpoint lacks tensors needed by the model: "
@@ -336,6 +336,14 @@ class TorchTitanAdapter(Adapter):
             generation_config=gen,
             native_args=a,
         )
+
+
+def _model_view(tensors: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
+    """Older TorchTitan full checkpoints nest the model under `model.`: strip that prefix."""
+    model = [k for k in tensors if not any(re.search(d.pattern, k) for d in TRAINING_DROPS[:4])]
+    if model and all(k.startswith("model.") for k in model):
+        return {k.removeprefix("model."): v for k, v in tensors.items()}
+    return dict(tensors)
 
 
 def _native_name(hf_name: str, inverse: Mapping[str, str]) -> str:

@@ -196,9 +196,7 @@ LLAMA3_NEWER_FLAVORS: dict[str, dict[str, Any]] = {
 LLAMA3_FLAVORS.update(LLAMA3_NEWER_FLAVORS)
 
 
-def llama3_ffn_hidden_dim(
-    dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None
-) -> int:
+def llama3_ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
     """SwiGLU hidden size computed the way TorchTitan's ``FeedForward`` computes it."""
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
@@ -215,17 +213,11 @@ def resolve_llama3_flavor(name: str) -> dict[str, Any]:
     try:
         explicit = LLAMA3_FLAVORS[name]
     except KeyError:
-        raise KeyError(
-            f"unknown TorchTitan llama3 flavor {name!r}; known: {sorted(LLAMA3_FLAVORS)}"
-        ) from None
-    out: dict[str, Any] = {
-        k: (dict(v) if isinstance(v, dict) else v) for k, v in LLAMA3_DEFAULTS.items()
-    }
+        raise KeyError(f"unknown TorchTitan llama3 flavor {name!r}; known: {sorted(LLAMA3_FLAVORS)}") from None
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in LLAMA3_DEFAULTS.items()}
     out.update(explicit)
     if out["n_kv_heads"] is None:
         out["n_kv_heads"] = out["n_heads"]
     out["head_dim"] = out["dim"] // out["n_heads"]
-    out["ffn_hidden_dim"] = llama3_ffn_hidden_dim(
-        out["dim"], out["multiple_of"], out["ffn_dim_multiplier"]
-    )
+    out["ffn_hidden_dim"] = llama3_ffn_hidden_dim(out["dim"], out["multiple_of"], out["ffn_dim_multiplier"])
     return out
