@@ -19,7 +19,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         description="Convert a native training checkpoint into a Hugging Face transformers folder "
         "(sharded safetensors, config.json, generation_config.json), streaming tensor by tensor.",
     )
-    p.add_argument("--adapter", required=True, help="source framework, optionally with family: torchtitan, torchtitan:llama3")
+    p.add_argument(
+        "--adapter", required=True, help="source framework, optionally with family: torchtitan, torchtitan:llama3"
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or file (TorchTitan: the DCP step-N folder)")
     p.add_argument("--output", required=True, help="output folder (written to a temporary folder, then renamed)")
     p.add_argument(
@@ -50,8 +52,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(
             {
-                "output": r.output, "adapter": r.adapter, "family": r.family, "files": r.files,
-                "dropped": r.dropped, "config": r.config, "seconds": round(r.seconds, 3),
+                "output": r.output,
+                "adapter": r.adapter,
+                "family": r.family,
+                "files": r.files,
+                "dropped": r.dropped,
+                "config": r.config,
+                "seconds": round(r.seconds, 3),
             },
             sys.stdout,
             indent=2,

@@ -93,7 +93,9 @@ def convert(
         try:
             os.makedirs(staging)
             _check_free_space(staging, shards)
-            check = TargetCheck(plan.model_type, plan.config, plan.generation_config, staging, str(dtypes[dominant.name]))
+            check = TargetCheck(
+                plan.model_type, plan.config, plan.generation_config, staging, str(dtypes[dominant.name])
+            )
             write_model(shards, targets, staging, show_progress=progress)
             compare(check.result(), {t.name: t.shape for t in plan.targets})
             with open(os.path.join(staging, "hubconv.json"), "w") as f:
@@ -110,8 +112,15 @@ def convert(
             shutil.rmtree(staging, ignore_errors=True)
     files = {n: os.path.getsize(os.path.join(output, n)) for n in sorted(os.listdir(output))}
     return ConvertResult(
-        output, plan.adapter, plan.family, files, plan.dropped, plan.config, plan.native_args,
-        time.monotonic() - start, plan.notes,
+        output,
+        plan.adapter,
+        plan.family,
+        files,
+        plan.dropped,
+        plan.config,
+        plan.native_args,
+        time.monotonic() - start,
+        plan.notes,
     )
 
 

@@ -54,9 +54,15 @@ F32, F16, BF16 = BY_NAME["F32"], BY_NAME["F16"], BY_NAME["BF16"]
 
 # Names accepted on the command line and in config files.
 _USER_NAMES = {
-    "float32": F32, "fp32": F32, "f32": F32,
-    "float16": F16, "fp16": F16, "f16": F16, "half": F16,
-    "bfloat16": BF16, "bf16": BF16,
+    "float32": F32,
+    "fp32": F32,
+    "f32": F32,
+    "float16": F16,
+    "fp16": F16,
+    "f16": F16,
+    "half": F16,
+    "bfloat16": BF16,
+    "bf16": BF16,
 }
 
 

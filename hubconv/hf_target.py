@@ -29,7 +29,13 @@ class TargetCheck:
     """Handle on the child process; `result()` waits for it."""
 
     def __init__(self, model_type: str, config: dict[str, Any], generation: dict[str, Any], out_dir: str, dtype: str):
-        request = {"model_type": model_type, "config": config, "generation": generation, "out_dir": out_dir, "dtype": dtype}
+        request = {
+            "model_type": model_type,
+            "config": config,
+            "generation": generation,
+            "out_dir": out_dir,
+            "dtype": dtype,
+        }
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "hubconv.hf_target"],
             stdin=subprocess.PIPE,

@@ -14,10 +14,12 @@ def _raw(t: torch.Tensor) -> np.ndarray:
 
 def test_float32_to_bfloat16_rounds_like_torch() -> None:
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([
-        torch.randn(100_000, generator=g) * 10 ** torch.randint(-30, 30, (100_000,), generator=g).float(),
-        torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.4e38, 1e-45, 1.00390625, 1.01171875]),
-    ])
+    x = torch.cat(
+        [
+            torch.randn(100_000, generator=g) * 10 ** torch.randint(-30, 30, (100_000,), generator=g).float(),
+            torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.4e38, 1e-45, 1.00390625, 1.01171875]),
+        ]
+    )
     ours = cast(x.numpy(), F32, BF16, what="x")
     theirs = _raw(x.to(torch.bfloat16))
     nan = np.isnan(x.numpy())

@@ -18,23 +18,48 @@ from hubconv.transforms import materialize, rope_permute
 from tests.native import torchtitan_llama3 as tt
 from tests.native.parity import Parity, check_dir, compare, fixed_tokens, hf_logits
 
-SCALING = {"scaling_factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-           "original_max_position_embeddings": 64}
+SCALING = {
+    "scaling_factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def tiny(**kw) -> tt.TitanArgs:
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, rope_theta=500000.0,
-                max_seq_len=256)
+    base = dict(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=256,
+        multiple_of=32,
+        rope_theta=500000.0,
+        max_seq_len=256,
+    )
     return tt.TitanArgs(**{**base, **kw})
 
 
 def user_args(a: tt.TitanArgs) -> dict:
-    return {"n_heads": a.n_heads, "rope_theta": a.rope_theta, "rope_scaling_args": a.rope_scaling,
-            "max_seq_len": a.max_seq_len, "multiple_of": a.multiple_of}
+    return {
+        "n_heads": a.n_heads,
+        "rope_theta": a.rope_theta,
+        "rope_scaling_args": a.rope_scaling,
+        "max_seq_len": a.max_seq_len,
+        "multiple_of": a.multiple_of,
+    }
 
 
-def make(tmp_path, a: tt.TitanArgs, *, key_style="legacy", dtype=torch.float32, training_state=False,
-         model_prefix="", **sd_kw) -> tuple[str, dict]:
+def make(
+    tmp_path,
+    a: tt.TitanArgs,
+    *,
+    key_style="legacy",
+    dtype=torch.float32,
+    training_state=False,
+    model_prefix="",
+    **sd_kw,
+) -> tuple[str, dict]:
     sd = tt.random_state_dict(a, seed=0, dtype=dtype, key_style=key_style, **sd_kw)
     path = str(tmp_path / "step-10")
     tt.save_dcp(path, sd, training_state=training_state, model_prefix=model_prefix)
@@ -43,7 +68,9 @@ def make(tmp_path, a: tt.TitanArgs, *, key_style="legacy", dtype=torch.float32, 
 
 CASES = {
     "legacy-gqa-untied": dict(),
-    "qkv_linear-gqa-tied-scaled": dict(key_style="qkv_linear", args=dict(tie_word_embeddings=True, rope_scaling=SCALING)),
+    "qkv_linear-gqa-tied-scaled": dict(
+        key_style="qkv_linear", args=dict(tie_word_embeddings=True, rope_scaling=SCALING)
+    ),
     "legacy-mha-full-training-state": dict(training_state=True, args=dict(n_kv_heads=None)),
     "legacy-old-trainer-model-prefix": dict(training_state="legacy", model_prefix="model.", include_freqs_cis=True),
     "legacy-tied-output-present": dict(args=dict(tie_word_embeddings=True), include_tied_output=True),
@@ -134,7 +161,7 @@ def test_round_trip_from_hf_to_hf_is_bit_exact(key_style, tied) -> None:
 
 def test_bfloat16_checkpoint_keeps_dtype_and_casts_on_request(tmp_path) -> None:
     a = tiny()
-    ckpt, sd = make(tmp_path, a, dtype=torch.bfloat16)
+    ckpt, _sd = make(tmp_path, a, dtype=torch.bfloat16)
     keep = convert("torchtitan", ckpt, str(tmp_path / "bf16"), model_args=user_args(a), progress=False)
     f32 = convert("torchtitan", ckpt, str(tmp_path / "f32"), model_args=user_args(a), dtype="float32", progress=False)
     w_bf16 = load_file(str(tmp_path / "bf16" / "model.safetensors"))

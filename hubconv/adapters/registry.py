@@ -45,7 +45,5 @@ def get(spec: str) -> tuple[Adapter, str | None]:
         raise HubconvError(f"unknown adapter {name!r}; available: {', '.join(available())}")
     adapter = _ADAPTERS[name]
     if family and family not in adapter.families:
-        raise HubconvError(
-            f"adapter {name!r} has no model family {family!r}; families: {', '.join(adapter.families)}"
-        )
+        raise HubconvError(f"adapter {name!r} has no model family {family!r}; families: {', '.join(adapter.families)}")
     return adapter, family or None

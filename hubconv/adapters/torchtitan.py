@@ -71,7 +71,7 @@ TRAINING_DROPS = [
 _EXTRA_FIELDS = {"tie_word_embeddings", "bos_token_id", "eos_token_id", "rope_scaling", "flavor"}
 _REQUIRED_MSG = (
     "{field} cannot be determined from the checkpoint's tensor shapes; provide it in --model-args "
-    "(a JSON/YAML file such as {{\"{field}\": ...}}, a TorchTitan job TOML, or a flavor name: {flavors})"
+    '(a JSON/YAML file such as {{"{field}": ...}}, a TorchTitan job TOML, or a flavor name: {flavors})'
 )
 
 
@@ -96,14 +96,18 @@ def load_llama3_args(value: str | Mapping[str, Any] | None) -> dict[str, Any]:
             if model.get("name", "llama3") not in ("llama3", "llama3_ft"):
                 raise ModelArgsError(f"{value}: [model] name = {model['name']!r} is not a Llama 3 model")
             if model["flavor"] not in LLAMA3_FLAVORS:
-                raise ModelArgsError(f"{value}: [model] flavor {model['flavor']!r} is unknown; known: {', '.join(LLAMA3_FLAVORS)}")
+                raise ModelArgsError(
+                    f"{value}: [model] flavor {model['flavor']!r} is unknown; known: {', '.join(LLAMA3_FLAVORS)}"
+                )
             args = _flavor(model["flavor"])
             seq_len = job.get("training", {}).get("seq_len")
             if seq_len:
                 args["max_seq_len"] = int(seq_len)
         elif "flavor" in args:
             if args["flavor"] not in LLAMA3_FLAVORS:
-                raise ModelArgsError(f"{value}: flavor {args['flavor']!r} is unknown; known: {', '.join(LLAMA3_FLAVORS)}")
+                raise ModelArgsError(
+                    f"{value}: flavor {args['flavor']!r} is unknown; known: {', '.join(LLAMA3_FLAVORS)}"
+                )
             args = {**_flavor(args["flavor"]), **args}
     elif value in LLAMA3_FLAVORS:
         args = _flavor(value)
@@ -125,7 +129,9 @@ def load_llama3_args(value: str | Mapping[str, Any] | None) -> dict[str, Any]:
 def _same_data(a: LazyTensor, b: LazyTensor) -> bool:
     if a.shape != b.shape or a.dtype is not b.dtype:
         return False
-    return all(np.array_equal(a.read_rows(lo, hi), b.read_rows(lo, hi)) for lo, hi in row_blocks(a.shape, a.dtype.itemsize))
+    return all(
+        np.array_equal(a.read_rows(lo, hi), b.read_rows(lo, hi)) for lo, hi in row_blocks(a.shape, a.dtype.itemsize)
+    )
 
 
 class TorchTitanAdapter(Adapter):
@@ -155,6 +161,7 @@ class TorchTitanAdapter(Adapter):
     # ---- hyperparameters -------------------------------------------------------------------
     def resolve_args(self, tensors: Mapping[str, LazyTensor], user: Mapping[str, Any], where: str) -> dict[str, Any]:
         """Combine user args with what the tensor shapes determine; contradictions are errors."""
+
         def shape(key: str) -> tuple[int, ...]:
             if key not in tensors:
                 raise MappingError(f"{where}: missing tensor {key!r}")
@@ -199,7 +206,9 @@ class TorchTitanAdapter(Adapter):
                 f"{kv_rows} rows (not a multiple of head_dim)"
             )
         a["n_heads"], a["head_dim"] = n_heads, head_dim
-        a["n_kv_heads"] = check("n_kv_heads", kv_rows // head_dim, f"layers.0.attention.{qkv}wk.weight ({kv_rows} rows)")
+        a["n_kv_heads"] = check(
+            "n_kv_heads", kv_rows // head_dim, f"layers.0.attention.{qkv}wk.weight ({kv_rows} rows)"
+        )
         if "multiple_of" in user or "ffn_dim_multiplier" in user:
             expect = llama3_ffn_hidden_dim(dim, user.get("multiple_of", 256), user.get("ffn_dim_multiplier"))
             if expect != ffn:
@@ -285,7 +294,9 @@ class TorchTitanAdapter(Adapter):
         targets, _ = self._table(args).apply(tensors, args)
         return targets
 
-    def from_hf(self, tensors: Mapping[str, LazyTensor], args: Mapping[str, Any], family: str = "llama3") -> list[Target]:
+    def from_hf(
+        self, tensors: Mapping[str, LazyTensor], args: Mapping[str, Any], family: str = "llama3"
+    ) -> list[Target]:
         targets, _ = self._table(args).inverse().apply(tensors, args, where="HF tensors")
         return targets
 
@@ -297,7 +308,8 @@ class TorchTitanAdapter(Adapter):
         if a["tie_word_embeddings"] and f"{head}.weight" in tensors:
             if not _same_data(tensors[f"{head}.weight"], tensors["tok_embeddings.weight"]):
                 raise MappingError(
-                    f"{ckpt.path}: model args say embeddings are tied, but {head}.weight differs from tok_embeddings.weight"
+                    f"{ckpt.path}: model args say embeddings are tied, "
+                    f"but {head}.weight differs from tok_embeddings.weight"
                 )
             dropped[f"{head}.weight"] = "tied to tok_embeddings.weight (identical data)"
             del tensors[f"{head}.weight"]
@@ -357,13 +369,19 @@ def _native_name(hf_name: str, inverse: Mapping[str, str]) -> str:
 def _hf_order(n_layers: int) -> list[str]:
     """Output order: embeddings, layers in order, final norm, head (as transformers saves them)."""
     per_layer = [
-        "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+        "input_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "post_attention_layernorm.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
         "mlp.down_proj.weight",
     ]
     names = ["model.embed_tokens.weight"]
     names += [f"model.layers.{i}.{p}" for i in range(n_layers) for p in per_layer]
-    return names + ["model.norm.weight", "lm_head.weight"]
+    return [*names, "model.norm.weight", "lm_head.weight"]
 
 
 register(TorchTitanAdapter())

@@ -92,7 +92,7 @@ class DcpTensor:
         prefix = pkl[: -len("data.pkl")]
         try:
             rebuilt = safe_pickle.loads(zf.read(pkl), where)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt record
+        except Exception as e:
             raise CheckpointError(f"{where}: cannot read tensor record ({e})") from None
         if not isinstance(rebuilt, safe_pickle.RebuiltTensor):
             raise CheckpointError(f"{where}: record does not hold a plain tensor")
@@ -106,7 +106,10 @@ class DcpTensor:
         info = zf.getinfo(f"{prefix}data/{key}")
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(f"{where}: compressed tensor data is not supported")
-        if info.file_size != storage_numel * self.dtype.itemsize or rebuilt.storage_offset + numel(c.sizes) > storage_numel:
+        if (
+            info.file_size != storage_numel * self.dtype.itemsize
+            or rebuilt.storage_offset + numel(c.sizes) > storage_numel
+        ):
             raise CheckpointError(f"{where}: storage size does not match the tensor")
         local = self._pool.pread(c.path, c.item_offset + info.header_offset, 30)
         name_len, extra_len = struct.unpack("<HH", local[26:30])
@@ -129,7 +132,7 @@ class DcpTensor:
         row = numel(self.shape[1:]) * self.dtype.itemsize
         return [
             Segment(c.path, start, c.sizes[0] * row if self.shape else self.dtype.itemsize)
-            for c, start in zip(self._chunks, self._starts)
+            for c, start in zip(self._chunks, self._starts, strict=True)
         ]
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
@@ -137,16 +140,15 @@ class DcpTensor:
             out = np.empty((1,), dtype=self.dtype.np)
             return self._pool.pread_into(self._chunks[0].path, self._starts[0], out)
         out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype.np)
-        for c, base in zip(self._chunks, self._starts):
+        for c, base in zip(self._chunks, self._starts, strict=True):
             lo, hi = max(start, c.offsets[0]), min(stop, c.offsets[0] + c.sizes[0])
             if lo >= hi:
                 continue
             crow = numel(c.sizes[1:]) * self.dtype.itemsize
             block = np.empty((hi - lo, *c.sizes[1:]), dtype=self.dtype.np)
             self._pool.pread_into(c.path, base + (lo - c.offsets[0]) * crow, block)
-            index = (slice(lo - start, hi - start),) + tuple(
-                slice(o, o + s) for o, s in zip(c.offsets[1:], c.sizes[1:])
-            )
+            inner = (slice(o, o + s) for o, s in zip(c.offsets[1:], c.sizes[1:], strict=True))
+            index = (slice(lo - start, hi - start), *inner)
             out[index] = block
         return out
 
@@ -181,7 +183,7 @@ def open_dcp(path: str) -> Checkpoint:
         md = safe_pickle.loads(raw, meta_path)
         sd_meta: dict[str, Any] = _state(md)["state_dict_metadata"]
         storage: dict[Any, Any] = _state(md)["storage_data"]
-    except Exception as e:  # noqa: BLE001 - corrupt metadata of any kind
+    except Exception as e:
         raise CheckpointError(f"{meta_path}: corrupt or unsupported DCP metadata ({e})") from None
     if not isinstance(sd_meta, dict) or not isinstance(storage, dict):
         raise CheckpointError(f"{meta_path}: corrupt DCP metadata")

@@ -109,7 +109,7 @@ def plan_shards(
         offset += size
     n = len(groups)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    return ShardPlan([Shard(f, g) for f, g in zip(names, groups)], metadata or {"format": "pt"})
+    return ShardPlan([Shard(f, g) for f, g in zip(names, groups, strict=True)], metadata or {"format": "pt"})
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> None:

@@ -56,9 +56,15 @@ def hf_logits(model_dir: str, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[
 def titan_args(native: dict[str, Any]) -> tt.TitanArgs:
     """hubconv's resolved native args -> the reference's TitanArgs."""
     return tt.TitanArgs(
-        dim=native["dim"], n_layers=native["n_layers"], n_heads=native["n_heads"], n_kv_heads=native["n_kv_heads"],
-        vocab_size=native["vocab_size"], norm_eps=native["norm_eps"], rope_theta=native["rope_theta"],
-        max_seq_len=native["max_seq_len"], rope_scaling=native["rope_scaling_args"],
+        dim=native["dim"],
+        n_layers=native["n_layers"],
+        n_heads=native["n_heads"],
+        n_kv_heads=native["n_kv_heads"],
+        vocab_size=native["vocab_size"],
+        norm_eps=native["norm_eps"],
+        rope_theta=native["rope_theta"],
+        max_seq_len=native["max_seq_len"],
+        rope_scaling=native["rope_scaling_args"],
         tie_word_embeddings=native["tie_word_embeddings"],
     )
 
