@@ -14,7 +14,7 @@ from typing import Any
 from hubconv import __version__
 from hubconv.adapters import registry
 from hubconv.adapters.base import ConversionPlan
-from hubconv.dtypes import parse_user_dtype
+from hubconv.dtypes import DType, parse_user_dtype
 from hubconv.errors import OutputError
 from hubconv.hf_target import TargetCheck, compare
 from hubconv.io.checkpoint import open_checkpoint
@@ -60,6 +60,47 @@ def build_plan(adapter_spec: str, ckpt: Any, model_args: str | Mapping[str, Any]
     return adapter.plan(ckpt, family, adapter.load_args(model_args))
 
 
+def _run(
+    adapter: str,
+    checkpoint: str,
+    output: str,
+    model_args: str | Mapping[str, Any] | None,
+    out_dtype: DType | None,
+    shard_bytes: int,
+    check: TargetCheck,
+    progress: bool,
+) -> ConversionPlan:
+    with open_checkpoint(checkpoint) as ckpt:
+        plan = build_plan(adapter, ckpt, model_args)
+        targets = {t.name: t for t in plan.targets}
+        dtypes = {t.name: (out_dtype if out_dtype and t.dtype.is_float else t.dtype) for t in plan.targets}
+        dominant = max(plan.targets, key=lambda t: t.dtype.itemsize * _numel(t.shape))
+        shards = plan_shards(
+            [(t.name, dtypes[t.name], t.shape) for t in plan.targets],
+            shard_bytes,
+            {"format": "pt", "converted_by": f"hubconv {__version__}", "source_adapter": plan.adapter},
+        )
+        staging = _staging_dir(output)
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            os.makedirs(staging)
+            _check_free_space(staging, shards)
+            check.submit(plan.model_type, plan.config, plan.generation_config, staging, str(dtypes[dominant.name]))
+            write_model(shards, targets, staging, show_progress=progress)
+            compare(check.result(), {t.name: t.shape for t in plan.targets})
+            with open(os.path.join(staging, "hubconv.json"), "w") as f:
+                json.dump(_record(plan, checkpoint), f, indent=2)
+                f.write("\n")
+            _publish(staging, output)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise OutputError(f"{output}: no space left on the device while writing; nothing was written") from None
+            raise OutputError(f"{output}: {e.strerror or e}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return plan
+
+
 def convert(
     adapter: str,
     checkpoint: str,
@@ -77,39 +118,12 @@ def convert(
         raise OutputError(f"{output}: already exists (pass --overwrite to replace it)")
     out_dtype = parse_user_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    with open_checkpoint(checkpoint) as ckpt:
-        plan = build_plan(adapter, ckpt, model_args)
-        targets = {t.name: t for t in plan.targets}
-        dtypes = {t.name: (out_dtype if out_dtype and t.dtype.is_float else t.dtype) for t in plan.targets}
-        dominant = max(plan.targets, key=lambda t: t.dtype.itemsize * _numel(t.shape))
-        shards = plan_shards(
-            [(t.name, dtypes[t.name], t.shape) for t in plan.targets],
-            shard_bytes,
-            {"format": "pt", "converted_by": f"hubconv {__version__}", "source_adapter": plan.adapter},
-        )
-        staging = _staging_dir(output)
-        shutil.rmtree(staging, ignore_errors=True)
-        check: TargetCheck | None = None
-        try:
-            os.makedirs(staging)
-            _check_free_space(staging, shards)
-            check = TargetCheck(
-                plan.model_type, plan.config, plan.generation_config, staging, str(dtypes[dominant.name])
-            )
-            write_model(shards, targets, staging, show_progress=progress)
-            compare(check.result(), {t.name: t.shape for t in plan.targets})
-            with open(os.path.join(staging, "hubconv.json"), "w") as f:
-                json.dump(_record(plan, checkpoint), f, indent=2)
-                f.write("\n")
-            _publish(staging, output)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise OutputError(f"{output}: no space left on the device while writing; nothing was written") from None
-            raise OutputError(f"{output}: {e.strerror or e}") from None
-        finally:
-            if check is not None:
-                check.cancel()
-            shutil.rmtree(staging, ignore_errors=True)
+    # transformers takes seconds to import: its child process starts now and works while we stream.
+    check = TargetCheck(registry.get(adapter)[0].model_types)
+    try:
+        plan = _run(adapter, checkpoint, output, model_args, out_dtype, shard_bytes, check, progress)
+    finally:
+        check.cancel()
     files = {n: os.path.getsize(os.path.join(output, n)) for n in sorted(os.listdir(output))}
     return ConvertResult(
         output,

@@ -101,7 +101,8 @@ def from_float32(values: np.ndarray, dst: DType) -> np.ndarray:
     if dst is F32:
         return values
     if dst is F16:
-        return values.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow is detected and reported by cast()
+            return values.astype(np.float16)
     if dst is BF16:
         bits = values.view(np.uint32)
         rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)

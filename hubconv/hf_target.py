@@ -26,9 +26,19 @@ class TargetSpec:
 
 
 class TargetCheck:
-    """Handle on the child process; `result()` waits for it."""
+    """Handle on the child process. It starts importing at once; `submit()` sends the request and
+    `result()` waits for the answer."""
 
-    def __init__(self, model_type: str, config: dict[str, Any], generation: dict[str, Any], out_dir: str, dtype: str):
+    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "hubconv.hf_target", *preload],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def submit(self, model_type: str, config: dict[str, Any], generation: dict[str, Any], out_dir: str, dtype: str):
         request = {
             "model_type": model_type,
             "config": config,
@@ -36,15 +46,11 @@ class TargetCheck:
             "out_dir": out_dir,
             "dtype": dtype,
         }
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "hubconv.hf_target"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
         assert self._proc.stdin is not None
-        self._proc.stdin.write(json.dumps(request))
+        try:
+            self._proc.stdin.write(json.dumps(request))
+        except BrokenPipeError:
+            pass  # the child died during its imports; result() reports its error
         self._proc.stdin.close()
         self._proc.stdin = None  # closed: communicate() must not flush it
 
@@ -81,10 +87,14 @@ def compare(spec: TargetSpec, produced: dict[str, tuple[int, ...]]) -> None:
 
 
 def _main() -> None:
+    import importlib
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers import __version__ as tf_version
 
+    for model_type in sys.argv[1:]:  # import the likely modeling modules while the parent plans
+        importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     req = json.load(sys.stdin)
     config = AutoConfig.for_model(req["model_type"], **req["config"])
     config.dtype = req["dtype"]

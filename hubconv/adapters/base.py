@@ -121,6 +121,7 @@ class Adapter(ABC):
     name: str
     description: str
     families: tuple[str, ...]
+    model_types: tuple[str, ...]  # transformers model types it produces
 
     def load_args(self, value: str | Mapping[str, Any] | None) -> dict[str, Any]:
         """--model-args value (a file path, or already a mapping) -> native args dict."""

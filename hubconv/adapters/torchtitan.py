@@ -138,6 +138,7 @@ class TorchTitanAdapter(Adapter):
     name = "torchtitan"
     description = "TorchTitan DCP checkpoints (step-N folders, model-only or full training state); Llama 3 family"
     families = ("llama3",)
+    model_types = ("llama",)
 
     def load_args(self, value: str | Mapping[str, Any] | None) -> dict[str, Any]:
         return load_llama3_args(value)

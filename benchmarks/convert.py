@@ -1,0 +1,194 @@
+"""Benchmark `hubconv convert` against `cp -r` of the same TorchTitan DCP checkpoint.
+
+    .venv/bin/python benchmarks/convert.py [--sizes 1,4] [--repeats 5] [--workdir benchmarks/.work]
+
+For each size (GB of bfloat16 weights; same width, more layers) it writes a TorchTitan-layout DCP
+checkpoint once, warms the page cache, then alternates `cp -r CKPT DST` and
+`hubconv convert --checkpoint CKPT --output DST` (each preceded by `sync`, outputs deleted between
+runs) and prints, per size: median wall times (process start to exit, start-up included), the
+median of the per-pair ratios hubconv/cp, and peak RSS — of the hubconv process itself (exact,
+from wait4) and of its whole process tree (sampled every 10 ms; includes the child that imports
+transformers to check the target architecture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIM, N_HEADS, N_KV_HEADS, VOCAB, MULTIPLE_OF = 2048, 16, 4, 32000, 256
+
+
+def ffn_dim() -> int:
+    hidden = int(2 * 4 * DIM / 3)
+    return MULTIPLE_OF * ((hidden + MULTIPLE_OF - 1) // MULTIPLE_OF)
+
+
+def layer_bytes() -> int:
+    hd = DIM // N_HEADS
+    attn = 2 * DIM * DIM + 2 * N_KV_HEADS * hd * DIM
+    return 2 * (attn + 3 * ffn_dim() * DIM + 2 * DIM)
+
+
+def make_checkpoint(path: str, gigabytes: float) -> int:
+    """Write a bf16 TorchTitan Llama DCP of about `gigabytes` GB; returns the layer count."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    fixed = 2 * 2 * VOCAB * DIM + 2 * DIM
+    n_layers = max(1, round((gigabytes * 1e9 - fixed) / layer_bytes()))
+    meta = os.path.join(path, "layers.json")
+    if os.path.exists(meta) and json.load(open(meta)) == {"n_layers": n_layers}:
+        return n_layers
+    shutil.rmtree(path, ignore_errors=True)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:  # random bit patterns: content does not matter, only bytes
+        return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, generator=g).view(torch.bfloat16)
+
+    hd, ffn = DIM // N_HEADS, ffn_dim()
+    sd = {"tok_embeddings.weight": rand(VOCAB, DIM)}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        sd |= {
+            p + "attention.wq.weight": rand(DIM, DIM), p + "attention.wk.weight": rand(N_KV_HEADS * hd, DIM),
+            p + "attention.wv.weight": rand(N_KV_HEADS * hd, DIM), p + "attention.wo.weight": rand(DIM, DIM),
+            p + "feed_forward.w1.weight": rand(ffn, DIM), p + "feed_forward.w2.weight": rand(DIM, ffn),
+            p + "feed_forward.w3.weight": rand(ffn, DIM), p + "attention_norm.weight": rand(DIM),
+            p + "ffn_norm.weight": rand(DIM),
+        }
+    sd |= {"norm.weight": rand(DIM), "output.weight": rand(VOCAB, DIM)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(sd, checkpoint_id=path)
+    json.dump({"n_layers": n_layers}, open(meta, "w"))
+    return n_layers
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def warm(path: str) -> None:
+    for d, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(d, f), "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
+def tree_rss(pid: int) -> int:
+    """Sum of RSS (bytes) of `pid` and its descendants."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += rss.get(p, 0)
+        stack += children.get(p, [])
+    return total
+
+
+def run(cmd: list[str]) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS of the process, sampled peak RSS of its tree)."""
+    subprocess.run(["sync"], check=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak_tree, done = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_tree
+        while not done.is_set():
+            peak_tree = max(peak_tree, tree_rss(proc.pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if status != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
+    return wall, usage.ru_maxrss * 1024, peak_tree
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,4", help="comma-separated checkpoint sizes in GB")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--workdir", default=os.path.join(ROOT, "benchmarks", ".work"))
+    ap.add_argument("--hubconv", default=shutil.which("hubconv") or os.path.join(ROOT, ".venv", "bin", "hubconv"))
+    a = ap.parse_args()
+    os.makedirs(a.workdir, exist_ok=True)
+    args_file = os.path.join(a.workdir, "model_args.json")
+    json.dump({"n_heads": N_HEADS, "rope_theta": 500000, "rope_scaling_args": None}, open(args_file, "w"))
+    results = {}
+    for size in [float(s) for s in a.sizes.split(",")]:
+        ckpt = os.path.join(a.workdir, f"ckpt-{size:g}GB", "step-1")
+        n_layers = make_checkpoint(ckpt, size)
+        dst = os.path.join(a.workdir, "out")
+        warm(ckpt)
+        hub_cmd = [a.hubconv, "convert", "--adapter", "torchtitan", "--checkpoint", ckpt, "--output", dst,
+                   "--model-args", args_file, "--quiet", "--overwrite"]
+        run(hub_cmd)  # warm-up: the interpreter and libraries in the page cache too
+        shutil.rmtree(dst)
+        cp_t, hub_t, rss, tree = [], [], [], []
+        for _ in range(a.repeats):
+            cp_t.append(run(["cp", "-r", ckpt, dst])[0])
+            shutil.rmtree(dst)
+            t, r, tr = run(hub_cmd)
+            hub_t.append(t)
+            rss.append(r)
+            tree.append(tr)
+            out_bytes = folder_bytes(dst)
+            shutil.rmtree(dst)
+        ratios = [h / c for h, c in zip(hub_t, cp_t, strict=True)]
+        results[f"{size:g}GB"] = r_ = {
+            "n_layers": n_layers,
+            "checkpoint_bytes": folder_bytes(ckpt),
+            "output_bytes": out_bytes,
+            "cp_median_s": round(statistics.median(cp_t), 3),
+            "hubconv_median_s": round(statistics.median(hub_t), 3),
+            "ratio_median_of_pairs": round(statistics.median(ratios), 3),
+            "ratio_of_medians": round(statistics.median(hub_t) / statistics.median(cp_t), 3),
+            "peak_rss_hubconv_MiB": round(max(rss) / 2**20, 1),
+            "peak_rss_tree_MiB": round(max(tree) / 2**20, 1),
+            "cp_s": [round(x, 3) for x in cp_t],
+            "hubconv_s": [round(x, 3) for x in hub_t],
+        }
+        print(f"{size:g} GB ({n_layers} layers): cp {r_['cp_median_s']} s, hubconv {r_['hubconv_median_s']} s, "
+              f"ratio {r_['ratio_median_of_pairs']} (median of pairs), peak RSS {r_['peak_rss_hubconv_MiB']} MiB "
+              f"(process tree {r_['peak_rss_tree_MiB']} MiB)", flush=True)
+    sizes = list(results)
+    if len(sizes) >= 2:
+        small, big = results[sizes[0]], results[sizes[-1]]
+        growth = big["peak_rss_hubconv_MiB"] / small["peak_rss_hubconv_MiB"] - 1
+        results["rss_growth_largest_vs_smallest"] = round(growth, 3)
+        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]}: {growth:+.1%}")
+    json.dump(results, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
