@@ -6,9 +6,11 @@ For each size (GB of bfloat16 weights; same width, more layers) it writes a Torc
 checkpoint once, warms the page cache, then alternates `cp -r CKPT DST` and
 `hubconv convert --checkpoint CKPT --output DST` (each preceded by `sync`, outputs deleted between
 runs) and prints, per size: median wall times (process start to exit, start-up included), the
-median of the per-pair ratios hubconv/cp, and peak RSS — of the hubconv process itself (exact,
-from wait4) and of its whole process tree (sampled every 10 ms; includes the child that imports
-transformers to check the target architecture).
+median of the per-pair ratios hubconv/cp, and peak RSS — of the hubconv process itself (VmHWM)
+and of its whole process tree (sampled every 5 ms). Each pair also times `hubconv convert
+--no-cache`, where a child process imports transformers to check the target architecture (the
+default run finds that answer in the cache filled by the warm-up run, as repeated releases of one
+architecture do).
 """
 
 from __future__ import annotations
@@ -60,10 +62,14 @@ def make_checkpoint(path: str, gigabytes: float) -> int:
     for i in range(n_layers):
         p = f"layers.{i}."
         sd |= {
-            p + "attention.wq.weight": rand(DIM, DIM), p + "attention.wk.weight": rand(N_KV_HEADS * hd, DIM),
-            p + "attention.wv.weight": rand(N_KV_HEADS * hd, DIM), p + "attention.wo.weight": rand(DIM, DIM),
-            p + "feed_forward.w1.weight": rand(ffn, DIM), p + "feed_forward.w2.weight": rand(DIM, ffn),
-            p + "feed_forward.w3.weight": rand(ffn, DIM), p + "attention_norm.weight": rand(DIM),
+            p + "attention.wq.weight": rand(DIM, DIM),
+            p + "attention.wk.weight": rand(N_KV_HEADS * hd, DIM),
+            p + "attention.wv.weight": rand(N_KV_HEADS * hd, DIM),
+            p + "attention.wo.weight": rand(DIM, DIM),
+            p + "feed_forward.w1.weight": rand(ffn, DIM),
+            p + "feed_forward.w2.weight": rand(DIM, ffn),
+            p + "feed_forward.w3.weight": rand(ffn, DIM),
+            p + "attention_norm.weight": rand(DIM),
             p + "ffn_norm.weight": rand(DIM),
         }
     sd |= {"norm.weight": rand(DIM), "output.weight": rand(VOCAB, DIM)}
@@ -108,28 +114,45 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def hwm(pid: int) -> int:
+    """Peak RSS (VmHWM, bytes) of `pid` since its exec; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run(cmd: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS of the process, sampled peak RSS of its tree)."""
+    """(wall seconds, peak RSS of the process (VmHWM), sampled peak RSS of its process tree).
+
+    ru_maxrss from wait4 is not used: after fork it can report the parent's RSS."""
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak_tree, done = 0, threading.Event()
+    peak, peak_tree, done = 0, 0, threading.Event()
 
     def sample() -> None:
-        nonlocal peak_tree
+        nonlocal peak, peak_tree
         while not done.is_set():
+            peak = max(peak, hwm(proc.pid))  # VmHWM is monotonic: the last read before exit is the peak
             peak_tree = max(peak_tree, tree_rss(proc.pid))
-            time.sleep(0.01)
+            time.sleep(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    # Wait for the exit without reaping, so the sampler's last reads still find the process.
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
     wall = time.perf_counter() - start
     done.set()
     sampler.join()
+    status = proc.wait()
     if status != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-    return wall, usage.ru_maxrss * 1024, peak_tree
+    return wall, peak, peak_tree
 
 
 def main() -> int:
@@ -138,21 +161,38 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workdir", default=os.path.join(ROOT, "benchmarks", ".work"))
     ap.add_argument("--hubconv", default=shutil.which("hubconv") or os.path.join(ROOT, ".venv", "bin", "hubconv"))
+    ap.add_argument("--make", nargs=2, metavar=("PATH", "GB"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.make:  # child mode: build one checkpoint, so the parent's memory stays small
+        print(make_checkpoint(a.make[0], float(a.make[1])))
+        return 0
     os.makedirs(a.workdir, exist_ok=True)
     args_file = os.path.join(a.workdir, "model_args.json")
     json.dump({"n_heads": N_HEADS, "rope_theta": 500000, "rope_scaling_args": None}, open(args_file, "w"))
     results = {}
     for size in [float(s) for s in a.sizes.split(",")]:
         ckpt = os.path.join(a.workdir, f"ckpt-{size:g}GB", "step-1")
-        n_layers = make_checkpoint(ckpt, size)
+        made = subprocess.run([sys.executable, __file__, "--make", ckpt, str(size)], check=True, capture_output=True)
+        n_layers = int(made.stdout.split()[-1])
         dst = os.path.join(a.workdir, "out")
         warm(ckpt)
-        hub_cmd = [a.hubconv, "convert", "--adapter", "torchtitan", "--checkpoint", ckpt, "--output", dst,
-                   "--model-args", args_file, "--quiet", "--overwrite"]
-        run(hub_cmd)  # warm-up: the interpreter and libraries in the page cache too
+        hub_cmd = [
+            a.hubconv,
+            "convert",
+            "--adapter",
+            "torchtitan",
+            "--checkpoint",
+            ckpt,
+            "--output",
+            dst,
+            "--model-args",
+            args_file,
+            "--quiet",
+            "--overwrite",
+        ]
+        run(hub_cmd)  # warm-up: interpreter and libraries in the page cache, target architecture cached
         shutil.rmtree(dst)
-        cp_t, hub_t, rss, tree = [], [], [], []
+        cp_t, hub_t, cold_t, rss, tree, cold_tree = [], [], [], [], [], []
         for _ in range(a.repeats):
             cp_t.append(run(["cp", "-r", ckpt, dst])[0])
             shutil.rmtree(dst)
@@ -162,7 +202,13 @@ def main() -> int:
             tree.append(tr)
             out_bytes = folder_bytes(dst)
             shutil.rmtree(dst)
+            t, r, tr = run([*hub_cmd, "--no-cache"])  # cold: transformers imported in a child process
+            cold_t.append(t)
+            rss.append(r)
+            cold_tree.append(tr)
+            shutil.rmtree(dst)
         ratios = [h / c for h, c in zip(hub_t, cp_t, strict=True)]
+        cold_ratios = [h / c for h, c in zip(cold_t, cp_t, strict=True)]
         results[f"{size:g}GB"] = r_ = {
             "n_layers": n_layers,
             "checkpoint_bytes": folder_bytes(ckpt),
@@ -171,14 +217,23 @@ def main() -> int:
             "hubconv_median_s": round(statistics.median(hub_t), 3),
             "ratio_median_of_pairs": round(statistics.median(ratios), 3),
             "ratio_of_medians": round(statistics.median(hub_t) / statistics.median(cp_t), 3),
+            "no_cache_median_s": round(statistics.median(cold_t), 3),
+            "no_cache_ratio_median_of_pairs": round(statistics.median(cold_ratios), 3),
             "peak_rss_hubconv_MiB": round(max(rss) / 2**20, 1),
             "peak_rss_tree_MiB": round(max(tree) / 2**20, 1),
+            "peak_rss_tree_no_cache_MiB": round(max(cold_tree) / 2**20, 1),
             "cp_s": [round(x, 3) for x in cp_t],
             "hubconv_s": [round(x, 3) for x in hub_t],
+            "no_cache_s": [round(x, 3) for x in cold_t],
         }
-        print(f"{size:g} GB ({n_layers} layers): cp {r_['cp_median_s']} s, hubconv {r_['hubconv_median_s']} s, "
-              f"ratio {r_['ratio_median_of_pairs']} (median of pairs), peak RSS {r_['peak_rss_hubconv_MiB']} MiB "
-              f"(process tree {r_['peak_rss_tree_MiB']} MiB)", flush=True)
+        print(
+            f"{size:g} GB ({n_layers} layers): cp {r_['cp_median_s']} s, hubconv {r_['hubconv_median_s']} s "
+            f"(ratio {r_['ratio_median_of_pairs']}, median of pairs), with --no-cache {r_['no_cache_median_s']} s "
+            f"(ratio {r_['no_cache_ratio_median_of_pairs']}); peak RSS {r_['peak_rss_hubconv_MiB']} MiB "
+            f"(process tree {r_['peak_rss_tree_MiB']} MiB, {r_['peak_rss_tree_no_cache_MiB']} MiB with the "
+            "transformers child)",
+            flush=True,
+        )
     sizes = list(results)
     if len(sizes) >= 2:
         small, big = results[sizes[0]], results[sizes[-1]]

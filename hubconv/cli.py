@@ -33,6 +33,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="always ask transformers for the target architecture (ignore the cache in ~/.cache/hubconv)",
+    )
     p.set_defaults(func=_cmd_convert)
 
 
@@ -48,6 +53,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         progress=not (args.quiet or args.json),
+        use_cache=not args.no_cache,
     )
     if args.json:
         json.dump(

@@ -67,8 +67,8 @@ def _run(
     model_args: str | Mapping[str, Any] | None,
     out_dtype: DType | None,
     shard_bytes: int,
-    check: TargetCheck,
     progress: bool,
+    use_cache: bool,
 ) -> ConversionPlan:
     with open_checkpoint(checkpoint) as ckpt:
         plan = build_plan(adapter, ckpt, model_args)
@@ -82,10 +82,18 @@ def _run(
         )
         staging = _staging_dir(output)
         shutil.rmtree(staging, ignore_errors=True)
+        check: TargetCheck | None = None
         try:
             os.makedirs(staging)
             _check_free_space(staging, shards)
-            check.submit(plan.model_type, plan.config, plan.generation_config, staging, str(dtypes[dominant.name]))
+            check = TargetCheck(
+                plan.model_type,
+                plan.config,
+                plan.generation_config,
+                staging,
+                str(dtypes[dominant.name]),
+                use_cache=use_cache,
+            )
             write_model(shards, targets, staging, show_progress=progress)
             compare(check.result(), {t.name: t.shape for t in plan.targets})
             with open(os.path.join(staging, "hubconv.json"), "w") as f:
@@ -97,6 +105,8 @@ def _run(
                 raise OutputError(f"{output}: no space left on the device while writing; nothing was written") from None
             raise OutputError(f"{output}: {e.strerror or e}") from None
         finally:
+            if check is not None:
+                check.cancel()
             shutil.rmtree(staging, ignore_errors=True)
     return plan
 
@@ -111,6 +121,7 @@ def convert(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    use_cache: bool = True,
 ) -> ConvertResult:
     """Convert `checkpoint` with `adapter` into the HF folder `output` (written atomically)."""
     start = time.monotonic()
@@ -118,12 +129,7 @@ def convert(
         raise OutputError(f"{output}: already exists (pass --overwrite to replace it)")
     out_dtype = parse_user_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    # transformers takes seconds to import: its child process starts now and works while we stream.
-    check = TargetCheck(registry.get(adapter)[0].model_types)
-    try:
-        plan = _run(adapter, checkpoint, output, model_args, out_dtype, shard_bytes, check, progress)
-    finally:
-        check.cancel()
+    plan = _run(adapter, checkpoint, output, model_args, out_dtype, shard_bytes, progress, use_cache)
     files = {n: os.path.getsize(os.path.join(output, n)) for n in sorted(os.listdir(output))}
     return ConvertResult(
         output,

@@ -202,3 +202,37 @@ def test_fsdp_sharded_checkpoint_converts_identically(tmp_path) -> None:
 
 def test_parity_object_flags_failures() -> None:
     assert not Parity(96, 0.5, 1.0, 3).ok and not Parity(96, 0.0, 0.99, 3).ok and Parity(96, 1e-6, 1.0, None).ok
+
+
+def test_target_architecture_cache(tmp_path, monkeypatch) -> None:
+    """Second conversion of the same architecture reuses the transformers answer; bad entries are redone."""
+    from hubconv import hf_target
+
+    monkeypatch.setenv("HUBCONV_CACHE_DIR", str(tmp_path / "cache"))
+    a = tiny()
+    ckpt, _ = make(tmp_path, a)
+    seen: list[bool] = []
+    real = hf_target.TargetCheck.result
+
+    def spy(self):
+        spec = real(self)
+        seen.append(spec.cached)
+        return spec
+
+    monkeypatch.setattr(hf_target.TargetCheck, "result", spy)
+    for name in ("a", "b"):
+        convert("torchtitan", ckpt, str(tmp_path / name), model_args=user_args(a), progress=False)
+    assert seen == [False, True]
+    for f in ("config.json", "generation_config.json"):
+        assert (tmp_path / "a" / f).read_text() == (tmp_path / "b" / f).read_text()
+    (entry,) = (tmp_path / "cache" / "targets").iterdir()
+    entry.write_text("{broken")
+    convert("torchtitan", ckpt, str(tmp_path / "c"), model_args=user_args(a), progress=False)
+    convert("torchtitan", ckpt, str(tmp_path / "d"), model_args=user_args(a), progress=False, use_cache=False)
+    assert seen == [False, True, False, False]
+    assert check_dir(ckpt, str(tmp_path / "c"), user_args(a) | convert_args(a)).ok
+
+
+def convert_args(a: tt.TitanArgs) -> dict:
+    return {"dim": a.dim, "n_layers": a.n_layers, "n_kv_heads": a.kv_heads, "vocab_size": a.vocab_size,
+            "norm_eps": a.norm_eps, "tie_word_embeddings": a.tie_word_embeddings}
