@@ -85,6 +85,85 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_smoke(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "smoke",
+        help="load, generate and check logits parity of a converted folder",
+        description="Load a converted folder with transformers (offline), generate greedily from prompts, and "
+        "compare logits with the native checkpoint when given. Writes smoke.json and smoke.md into the folder; "
+        "exits non-zero when a check fails.",
+    )
+    p.add_argument("model_dir", metavar="DIR", help="converted model folder")
+    p.add_argument("--prompt", action="append", default=[], help="prompt to generate from (repeatable)")
+    p.add_argument("--expect", action="append", default=[], help="regex the Nth prompt's output must match")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--adapter", help="adapter of the native checkpoint (default: from DIR/hubconv.json)")
+    p.add_argument("--checkpoint", help="native checkpoint for the parity check (default: from DIR/hubconv.json)")
+    p.add_argument("--no-parity", action="store_true", help="skip the logits parity check")
+    p.add_argument("--positions", type=int, default=96, help="positions compared by the parity check (>= 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (float32 when it fits), bfloat16, float16, float32")
+    p.add_argument("--json", action="store_true", help="print smoke.json to stdout")
+    p.set_defaults(func=_cmd_smoke)
+
+
+def _cmd_smoke(args: argparse.Namespace) -> int:
+    import os
+
+    from hubconv.config import Prompt
+    from hubconv.smoke import render_markdown, run_smoke, write_report
+
+    if len(args.expect) > len(args.prompt):
+        raise HubconvError("--expect given more often than --prompt")
+    prompts = [Prompt(p, args.expect[i] if i < len(args.expect) else None) for i, p in enumerate(args.prompt)]
+    native = None
+    record_path = os.path.join(args.model_dir, "hubconv.json")
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        adapter = args.adapter or f"{record['adapter']}:{record['family']}"
+        checkpoint = args.checkpoint or record.get("checkpoint")
+        if checkpoint and os.path.exists(checkpoint):
+            native = (adapter, checkpoint)
+    report = run_smoke(
+        args.model_dir,
+        prompts=prompts or [Prompt("The")],
+        max_new_tokens=args.max_new_tokens,
+        parity=not args.no_parity,
+        positions=args.positions,
+        native=native,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    write_report(args.model_dir, report)
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2)
+        print()
+    else:
+        print(render_markdown(report), end="")
+    return 0 if report.status == "pass" else 1
+
+
+def _add_init(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="write a commented starter .hubconv.yml", description="Write a starter config.")
+    p.add_argument("--config", default=".hubconv.yml", help="where to write it (default .hubconv.yml)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_init)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    import os
+
+    from hubconv.config import STARTER
+
+    if os.path.exists(args.config) and not args.force:
+        raise HubconvError(f"{args.config}: already exists (pass --force to replace it)")
+    with open(args.config, "w") as f:
+        f.write(STARTER)
+    print(f"wrote {args.config}: edit it, then run `hubconv release --dry-run`")
+    return 0
+
+
 def _add_adapters(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapters", help="list registered adapters", description="List registered adapters.")
     p.set_defaults(func=_cmd_adapters)
@@ -106,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hubconv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
+    _add_smoke(sub)
+    _add_init(sub)
     _add_adapters(sub)
     return parser
 

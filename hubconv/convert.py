@@ -166,7 +166,7 @@ def _record(plan: ConversionPlan, checkpoint: str) -> dict[str, Any]:
         "hubconv_version": __version__,
         "adapter": plan.adapter,
         "family": plan.family,
-        "checkpoint": os.path.abspath(checkpoint),
+        "checkpoint": checkpoint,  # as given: absolute paths would leak local directories into model cards
         "native_args": plan.native_args,
         "dropped": plan.dropped,
     }

@@ -83,10 +83,8 @@ def check_dir(checkpoint: str, hf_dir: str, native: dict[str, Any], positions: i
 
 def main() -> int:
     p = argparse.ArgumentParser(description="Compare native reference logits with a converted HF folder.")
-    p.add_argument("--adapter", default="torchtitan")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--model-args")
-    p.add_argument("--hf", required=True)
+    p.add_argument("--checkpoint", required=True, help="native TorchTitan DCP folder")
+    p.add_argument("--hf", required=True, help="converted folder (its hubconv.json gives the native args)")
     p.add_argument("--positions", type=int, default=96)
     a = p.parse_args()
     import json

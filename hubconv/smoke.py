@@ -1,0 +1,311 @@
+"""`hubconv smoke DIR`: prove a converted folder works in transformers, and matches the native model.
+
+Checks, each recorded in `smoke.json` (published with the model) and `smoke.md`:
+- loading with `AutoModelForCausalLM` offline reports no missing, unexpected or mismatched keys;
+- greedy generation from each prompt yields finite logits and non-empty text, matching the
+  prompt's `expect` regex when given;
+- parity, when the adapter has a reference forward of the native architecture and the native
+  checkpoint is at hand: logits on >= 64 fixed positions compared by max abs difference, KL
+  divergence and top-1 agreement (RoPE layout bugs often only show after ~20 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hubconv import __version__
+from hubconv.config import Prompt
+from hubconv.errors import HubconvError
+
+# Parity thresholds. float32: the two implementations differ only by summation order.
+# bfloat16/float16: HF computes in half precision while the reference stays in float32.
+THRESHOLDS = {
+    "float32": {"max_abs_diff": 1e-3, "kl_divergence": 1e-6, "top1_agreement": 1.0},
+    "half": {"max_abs_diff": float("inf"), "kl_divergence": 2e-2, "top1_agreement": 0.9},
+}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # pass | warn | fail
+    detail: str
+
+
+@dataclass
+class Generation:
+    prompt: str
+    output: str
+    new_tokens: int
+    tokens_per_second: float
+    expect: str | None
+    passed: bool
+
+
+@dataclass
+class Parity:
+    positions: int
+    max_abs_diff: float
+    kl_divergence: float
+    top1_agreement: float
+    first_divergent_position: int | None
+    thresholds: dict[str, float]
+    passed: bool
+
+
+@dataclass
+class SmokeReport:
+    status: str
+    device: str
+    dtype: str
+    load_seconds: float
+    loading_info: dict[str, list[str]]
+    generations: list[Generation] = field(default_factory=list)
+    parity: Parity | None = None
+    checks: list[Check] = field(default_factory=list)
+    hubconv_version: str = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pick_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pick_dtype(model_dir: str, dtype: str, device: str) -> str:
+    """float32 when it fits comfortably (exact parity), else the checkpoint's half dtype."""
+    if dtype != "auto":
+        return dtype
+    with open(os.path.join(model_dir, "config.json")) as f:
+        stored = json.load(f).get("dtype") or "float32"
+    weight_bytes = sum(
+        os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir) if n.endswith(".safetensors")
+    )
+    scale = 4 / (2 if stored in ("bfloat16", "float16") else 4)
+    if device == "cpu":
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        import torch
+
+        avail = torch.cuda.mem_get_info()[0]
+    return "float32" if weight_bytes * scale < 0.4 * avail else stored
+
+
+def _parity_tokens(vocab: int, positions: int):
+    import torch
+
+    return torch.randint(0, vocab, (1, positions), generator=torch.Generator().manual_seed(20260501))
+
+
+def compare_logits(ref, got, half: bool) -> Parity:
+    """Max abs diff, mean KL(native || converted) and top-1 agreement over all positions."""
+    import torch
+
+    ref, got = ref.float().cpu(), got.float().cpu()
+    diff = (ref - got).abs().amax(-1)[0]
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
+    kl_pos = kl.sum(-1)[0]
+    agree = ref.argmax(-1)[0] == got.argmax(-1)[0]
+    limits = THRESHOLDS["half" if half else "float32"]
+    bad = ((diff > limits["max_abs_diff"]) | (kl_pos > limits["kl_divergence"]) | ~agree).nonzero()
+    result = Parity(
+        positions=ref.shape[1],
+        max_abs_diff=float(diff.max()),
+        kl_divergence=float(kl_pos.mean()),
+        top1_agreement=float(agree.float().mean()),
+        first_divergent_position=int(bad[0]) if len(bad) else None,
+        thresholds=limits,
+        passed=False,
+    )
+    result.passed = (
+        result.max_abs_diff <= limits["max_abs_diff"]
+        and result.kl_divergence <= limits["kl_divergence"]
+        and result.top1_agreement >= limits["top1_agreement"]
+    )
+    return result
+
+
+def run_smoke(
+    model_dir: str,
+    *,
+    prompts: Sequence[Prompt] = (Prompt("The"),),
+    max_new_tokens: int = 32,
+    parity: bool = True,
+    positions: int = 96,
+    native: tuple[str, str] | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> SmokeReport:
+    """Run every check on `model_dir`; `native` = (adapter spec, checkpoint) enables parity."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if positions < 64:
+        raise HubconvError("smoke: parity needs at least 64 positions (layout bugs hide in short contexts)")
+    device = _pick_device(device)
+    dtype = _pick_dtype(model_dir, dtype, device)
+    start = time.perf_counter()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype), output_loading_info=True, local_files_only=True
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise HubconvError(f"{model_dir}: transformers cannot load the model: {e}") from None
+    model.to(device).eval()
+    load_seconds = time.perf_counter() - start
+    loading = {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs"}
+    report = SmokeReport("pass", device, dtype, round(load_seconds, 3), loading)
+    problems = {k: v for k, v in loading.items() if v}
+    report.checks.append(
+        Check("load", "fail" if problems else "pass", f"{problems}" if problems else f"loaded in {load_seconds:.2f}s")
+    )
+
+    tokenizer = None
+    if os.path.exists(os.path.join(model_dir, "tokenizer_config.json")) or os.path.exists(
+        os.path.join(model_dir, "tokenizer.json")
+    ):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    else:
+        report.checks.append(Check("tokenizer", "warn", "no tokenizer files: generation checked on token ids only"))
+
+    report.checks.append(_special_tokens_check(model, tokenizer))
+    for p in prompts:
+        report.generations.append(_generate(model, tokenizer, p, max_new_tokens, device))
+    for g in report.generations:
+        status = "pass" if g.passed else "fail"
+        report.checks.append(Check(f"generate {g.prompt!r}", status, f"{g.new_tokens} tokens, {g.tokens_per_second}/s"))
+
+    if parity and native is not None:
+        report.parity = _parity(model, native, model_dir, positions, device, half=dtype != "float32")
+        p = report.parity
+        if p is None:
+            report.checks.append(Check("parity", "warn", "the adapter has no reference forward: parity skipped"))
+        else:
+            detail = (
+                f"{p.positions} positions: max |dlogit| {p.max_abs_diff:.3g}, KL {p.kl_divergence:.3g}, "
+                f"top-1 {p.top1_agreement:.4f}"
+                + ("" if p.passed else f"; first divergent position {p.first_divergent_position}")
+            )
+            report.checks.append(Check("parity", "pass" if p.passed else "fail", detail))
+    elif parity:
+        report.checks.append(Check("parity", "warn", "native checkpoint not given: parity skipped"))
+    report.status = "fail" if any(c.status == "fail" for c in report.checks) else "pass"
+    return report
+
+
+def _special_tokens_check(model: Any, tokenizer: Any) -> Check:
+    """bos/eos must agree between config, generation config and tokenizer (EOS mismatch = endless output)."""
+    gen = model.generation_config
+    sources = {
+        "config.json": (model.config.bos_token_id, model.config.eos_token_id),
+        "generation_config.json": (gen.bos_token_id, gen.eos_token_id),
+    }
+    if tokenizer is not None:
+        sources["tokenizer"] = (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    problems = []
+    for i, name in enumerate(("bos_token_id", "eos_token_id")):
+        seen = {src: ids[i] for src, ids in sources.items() if ids[i] is not None}
+        if len({json.dumps(v) for v in seen.values()}) > 1:
+            problems.append(f"{name} differs: " + ", ".join(f"{k}={v}" for k, v in seen.items()))
+    if problems:
+        return Check("special tokens", "fail", "; ".join(problems))
+    if gen.eos_token_id is None:
+        return Check("special tokens", "warn", "no eos_token_id: generation only stops at max_new_tokens")
+    return Check("special tokens", "pass", f"bos {gen.bos_token_id}, eos {gen.eos_token_id}")
+
+
+def _generate(model: Any, tokenizer: Any, p: Prompt, max_new_tokens: int, device: str) -> Generation:
+    import torch
+
+    if tokenizer is not None:
+        ids = tokenizer(p.prompt, return_tensors="pt").input_ids
+    else:
+        bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
+        ids = torch.tensor([[bos]])
+    ids = ids.to(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None else None,
+        )
+    seconds = time.perf_counter() - start
+    new = out.sequences[0, ids.shape[1] :]
+    finite = all(torch.isfinite(s).all() for s in out.scores)
+    if tokenizer is not None:
+        text = tokenizer.decode(new, skip_special_tokens=True)
+    else:
+        text = " ".join(map(str, new.tolist()))
+    passed = finite and len(new) > 0 and text.strip() != ""
+    if p.expect is not None and not re.search(p.expect, text):
+        passed = False
+    if not finite:
+        text = f"[non-finite logits] {text}"
+    return Generation(p.prompt, text, len(new), round(len(new) / max(seconds, 1e-9), 1), p.expect, bool(passed))
+
+
+def _parity(model: Any, native: tuple[str, str], model_dir: str, positions: int, device: str, half: bool):
+    import torch
+
+    from hubconv.adapters.registry import get
+    from hubconv.io.checkpoint import open_checkpoint
+
+    with open(os.path.join(model_dir, "hubconv.json")) as f:
+        native_args = json.load(f)["native_args"]
+    adapter, _ = get(native[0])
+    tokens = _parity_tokens(model.config.vocab_size, positions)
+    with open_checkpoint(native[1]) as ckpt:
+        ref = adapter.reference_logits(ckpt, native_args, tokens)
+    if ref is None:
+        return None
+    with torch.no_grad():
+        got = model(tokens.to(device)).logits
+    return compare_logits(ref, got, half)
+
+
+def write_report(model_dir: str, report: SmokeReport) -> tuple[str, str]:
+    """smoke.json (evidence published with the model) and smoke.md (for people)."""
+    json_path, md_path = os.path.join(model_dir, "smoke.json"), os.path.join(model_dir, "smoke.md")
+    with open(json_path, "w") as f:
+        json.dump(report.to_json(), f, indent=2)
+        f.write("\n")
+    with open(md_path, "w") as f:
+        f.write(render_markdown(report))
+    return json_path, md_path
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
+
+
+def render_markdown(report: SmokeReport) -> str:
+    icon = {"pass": "✅", "warn": "⚠️", "fail": "❌"}
+    lines = [
+        f"### Smoke test: {icon[report.status]} {report.status}",
+        "",
+        f"Device `{report.device}`, dtype `{report.dtype}`, load {report.load_seconds:.2f}s.",
+        "",
+        "| check | status | detail |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {_cell(c.name)} | {icon[c.status]} | {_cell(c.detail)} |" for c in report.checks]
+    for g in report.generations:
+        fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", g.output)), default=0))
+        lines += ["", f"Prompt: `{_cell(g.prompt)}`", "", f"{fence}text", g.output, fence]
+    return "\n".join(lines) + "\n"
