@@ -87,13 +87,17 @@ def test_expect_regex_and_short_parity_are_enforced(converted) -> None:
 
 def test_cli_exit_codes(converted) -> None:
     _, _, _, out = converted
-    ok = subprocess.run([sys.executable, "-m", "hubconv", "smoke", out, "--max-new-tokens", "4", "--json"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "hubconv", "smoke", out, "--max-new-tokens", "4", "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["parity"]["passed"] is True  # checkpoint found through hubconv.json
     w = load_file(os.path.join(out, "model.safetensors"))
     w["model.norm.weight"] = torch.full_like(w["model.norm.weight"], float("inf"))
     save_file(w, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    bad = subprocess.run([sys.executable, "-m", "hubconv", "smoke", out, "--max-new-tokens", "4"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "hubconv", "smoke", out, "--max-new-tokens", "4"], capture_output=True, text=True
+    )
     assert bad.returncode == 1 and "❌" in bad.stdout
