@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/hubconv convert --adapter torchtitan --checkpoint examples/tiny-llama3-torchtitan/step-300 \
+	$(BIN)/hubconv convert --adapter torchtitan --checkpoint examples/tiny-llama3-torchtitan/step-800 \
 		--model-args examples/tiny-llama3-torchtitan/model_args.yaml --output $(DEMO_OUT) --overwrite
-	$(BIN)/python -m tests.native.parity --checkpoint examples/tiny-llama3-torchtitan/step-300 --hf $(DEMO_OUT)
+	$(BIN)/python -m tests.native.parity --checkpoint examples/tiny-llama3-torchtitan/step-800 --hf $(DEMO_OUT)
 
 test: setup
 	$(BIN)/ruff check hubconv tests benchmarks
