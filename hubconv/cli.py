@@ -7,6 +7,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 from hubconv import __version__
 from hubconv.errors import HubconvError
@@ -164,6 +165,172 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_release(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "release",
+        help="convert, add the tokenizer, smoke-test and write the model card (then publish)",
+        description="Build a complete, verified release folder from .hubconv.yml and/or flags: convert -> tokenizer "
+        "-> smoke test (generation + parity) -> model card. Fails, leaving nothing behind, when a check fails.",
+    )
+    p.add_argument("--config", help="config file (default: .hubconv.yml when present)")
+    p.add_argument("--dry-run", action="store_true", help="build and check the release folder; publish nothing")
+    p.add_argument("--output", help="release folder (config: output)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing release folder")
+    p.add_argument("--tag", help="release tag recorded in the card (default: from git / GitHub)")
+    g = p.add_argument_group("conversion (override the config)")
+    g.add_argument("--adapter")
+    g.add_argument("--checkpoint")
+    g.add_argument("--model-args")
+    g.add_argument("--dtype")
+    g.add_argument("--max-shard-size")
+    g.add_argument("--tokenizer", help="HF tokenizer folder, tiktoken BPE file, SentencePiece .model or meta.pkl")
+    g.add_argument("--tokenizer-kind", help="hf, tiktoken, sentencepiece or char (default: detected)")
+    g.add_argument("--bos-token")
+    g.add_argument("--eos-token")
+    s = p.add_argument_group("smoke test")
+    s.add_argument("--prompt", action="append", help="prompt (repeatable; replaces the config's prompts)")
+    s.add_argument("--expect", action="append", help="regex for the Nth --prompt")
+    s.add_argument("--max-new-tokens", type=int)
+    s.add_argument("--no-parity", action="store_true")
+    s.add_argument("--positions", type=int)
+    s.add_argument("--device")
+    h = p.add_argument_group("hub and card")
+    h.add_argument("--repo-id")
+    h.add_argument("--private", action="store_true", default=None)
+    h.add_argument("--create-pr", action="store_true", default=None)
+    h.add_argument("--revision")
+    h.add_argument("--endpoint")
+    h.add_argument("--license")
+    h.add_argument("--title")
+    h.add_argument("--description")
+    h.add_argument("--language", action="append")
+    h.add_argument("--base-model")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_release)
+
+
+def release_config(args: argparse.Namespace) -> Any:
+    """The config file (if any) with every given flag applied on top."""
+    import os
+
+    from hubconv.config import CONFIG_NAME, Prompt, ReleaseConfig, load_config
+
+    path = args.config or (CONFIG_NAME if os.path.exists(CONFIG_NAME) else None)
+    cfg = load_config(path) if path else ReleaseConfig()
+    top = {
+        "adapter": "adapter",
+        "checkpoint": "checkpoint",
+        "model_args": "model_args",
+        "dtype": "dtype",
+        "max_shard_size": "max_shard_size",
+        "output": "output",
+    }
+    for flag, attr in top.items():
+        if getattr(args, flag) is not None:
+            setattr(cfg, attr, getattr(args, flag))
+    for flag, attr in {
+        "tokenizer": "path",
+        "tokenizer_kind": "kind",
+        "bos_token": "bos_token",
+        "eos_token": "eos_token",
+    }.items():
+        if getattr(args, flag) is not None:
+            setattr(cfg.tokenizer, attr, getattr(args, flag))
+    if args.prompt:
+        expects = args.expect or []
+        if len(expects) > len(args.prompt):
+            raise HubconvError("--expect given more often than --prompt")
+        cfg.smoke.prompts = [Prompt(p, expects[i] if i < len(expects) else None) for i, p in enumerate(args.prompt)]
+    for flag in ("max_new_tokens", "positions", "device"):
+        if getattr(args, flag) is not None:
+            setattr(cfg.smoke, flag, getattr(args, flag))
+    if args.no_parity:
+        cfg.smoke.parity = False
+    for flag in ("repo_id", "private", "create_pr", "revision", "endpoint"):
+        if getattr(args, flag) is not None:
+            setattr(cfg.hub, flag, getattr(args, flag))
+    for flag in ("license", "title", "description", "language", "base_model"):
+        if getattr(args, flag) is not None:
+            setattr(cfg.card, flag, getattr(args, flag))
+    return cfg
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from hubconv.release import ReleaseFailed, run_release, summary_text
+
+    cfg = release_config(args)
+    if not args.dry_run:
+        raise HubconvError("publishing is not available in this version: run `hubconv release --dry-run`")
+    try:
+        result = run_release(cfg, overwrite=args.overwrite, progress=not (args.quiet or args.json), tag=args.tag)
+    except ReleaseFailed as e:
+        print(e.report, file=sys.stderr)
+        raise
+    if args.json:
+        out = {
+            "output": result.output,
+            "files": result.files,
+            "smoke_status": result.smoke_status,
+            "checks": [vars(c) for c in result.checks],
+            "provenance": result.provenance,
+        }
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        print(summary_text(result), end="")
+        print(result.report_md, end="")
+    return 0
+
+
+def _add_card(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "card",
+        help="write the model card (README.md) of a release folder",
+        description="Render README.md for a converted folder from its config.json, hubconv.json, smoke.json and "
+        "weight files, with card fields from .hubconv.yml and/or flags.",
+    )
+    p.add_argument("model_dir", metavar="DIR")
+    p.add_argument("--config", help="config file for the card fields (default: .hubconv.yml when present)")
+    p.add_argument("--repo-id")
+    p.add_argument("--license")
+    p.add_argument("--title")
+    p.add_argument("--description")
+    p.add_argument("--language", action="append")
+    p.add_argument("--base-model")
+    p.add_argument("--tag", help="release tag")
+    p.set_defaults(func=_cmd_card)
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    import os
+
+    from hubconv.card import CardFields, Provenance, write_card
+    from hubconv.config import CONFIG_NAME, ReleaseConfig, load_config
+    from hubconv.release import git_provenance
+
+    path = args.config or (CONFIG_NAME if os.path.exists(CONFIG_NAME) else None)
+    cfg = load_config(path) if path else ReleaseConfig()
+    c = cfg.card
+    fields = CardFields(
+        repo_id=args.repo_id or cfg.hub.repo_id,
+        title=args.title or c.title,
+        description=args.description or c.description,
+        license=args.license or c.license,
+        license_name=c.license_name,
+        license_link=c.license_link,
+        language=args.language or c.language,
+        datasets=c.datasets,
+        base_model=args.base_model or c.base_model,
+        tags=c.tags,
+        template=c.template,
+        extra_sections=c.extra_sections,
+    )
+    prov = Provenance(**git_provenance(os.path.abspath(args.model_dir), args.tag))
+    print(f"wrote {write_card(args.model_dir, fields, prov)}")
+    return 0
+
+
 def _add_adapters(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapters", help="list registered adapters", description="List registered adapters.")
     p.set_defaults(func=_cmd_adapters)
@@ -186,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
     _add_smoke(sub)
+    _add_card(sub)
+    _add_release(sub)
     _add_init(sub)
     _add_adapters(sub)
     return parser

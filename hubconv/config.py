@@ -116,7 +116,7 @@ def _convert(node: yaml.Node, tp: Any, path: str, file: str) -> Any:
     line = node.start_mark.line + 1
 
     def fail(msg: str) -> ConfigError:
-        return ConfigError(f"{path}: {msg}", file, line)
+        return ConfigError(f"{path or '(top level)'}: {msg}", file, line)
 
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
