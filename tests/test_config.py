@@ -93,7 +93,7 @@ def test_flags_override_the_file(tmp_path, monkeypatch) -> None:
 def test_flags_alone_and_missing_required(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = release_config(build_parser().parse_args(["release", "--adapter", "torchtitan"]))
-    with pytest.raises(ConfigError, match="`checkpoint` is required: set it in .hubconv.yml or pass --checkpoint"):
+    with pytest.raises(ConfigError, match=r"`checkpoint` is required: set it in \.hubconv\.yml or pass --checkpoint"):
         cfg.require("adapter", "checkpoint")
 
 
