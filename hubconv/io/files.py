@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -14,15 +15,19 @@ class FilePool:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
-            self._fds[path] = fd
+            with self._lock:  # writer threads share the pool
+                fd = self._fds.get(path)
+                if fd is None:
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except OSError as e:
+                        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+                    self._fds[path] = fd
         return fd
 
     def pread_into(self, path: str, offset: int, out: np.ndarray) -> np.ndarray:
