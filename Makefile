@@ -1,4 +1,4 @@
-# Quick start: `make demo` (convert the bundled example and check parity) and `make test`.
+# Quick start: `make demo` (release the bundled example: convert, tokenizer, smoke + parity, card) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,9 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/hubconv convert --adapter torchtitan --checkpoint examples/tiny-llama3-torchtitan/step-800 \
-		--model-args examples/tiny-llama3-torchtitan/model_args.yaml --output $(DEMO_OUT) --overwrite
-	$(BIN)/python -m tests.native.parity --checkpoint examples/tiny-llama3-torchtitan/step-800 --hf $(DEMO_OUT)
+	$(BIN)/hubconv release --dry-run --config examples/tiny-llama3-torchtitan/.hubconv.yml --output $(DEMO_OUT) \
+		--overwrite
 
 test: setup
 	$(BIN)/ruff check hubconv tests benchmarks

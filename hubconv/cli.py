@@ -29,6 +29,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "--model-args",
         help="native hyperparameters: JSON/YAML file, TorchTitan job TOML, or a named flavor such as 8B",
     )
+    p.add_argument(
+        "--tokenizer", help="also write HF tokenizer files from an HF folder, tiktoken BPE, SentencePiece or meta.pkl"
+    )
     p.add_argument("--dtype", default="auto", help="auto (keep source dtype), bfloat16, float16 or float32")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -55,6 +58,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not (args.quiet or args.json),
         use_cache=not args.no_cache,
+        tokenizer=args.tokenizer,
     )
     if args.json:
         json.dump(

@@ -15,7 +15,7 @@ from hubconv import __version__
 from hubconv.adapters import registry
 from hubconv.adapters.base import ConversionPlan
 from hubconv.dtypes import DType, parse_user_dtype
-from hubconv.errors import OutputError
+from hubconv.errors import HubconvError, OutputError
 from hubconv.hf_target import TargetCheck, compare
 from hubconv.io.checkpoint import open_checkpoint
 from hubconv.io.writer import ShardPlan, parse_size, plan_shards, write_model
@@ -69,6 +69,7 @@ def _run(
     shard_bytes: int,
     progress: bool,
     use_cache: bool,
+    tokenizer: str | None = None,
 ) -> ConversionPlan:
     with open_checkpoint(checkpoint) as ckpt:
         plan = build_plan(adapter, ckpt, model_args)
@@ -96,6 +97,9 @@ def _run(
             )
             write_model(shards, targets, staging, show_progress=progress)
             compare(check.result(), {t.name: t.shape for t in plan.targets})
+            if tokenizer:
+                notes = _add_tokenizer(tokenizer, staging, plan)
+                plan.notes.extend(notes)
             with open(os.path.join(staging, "hubconv.json"), "w") as f:
                 json.dump(_record(plan, checkpoint), f, indent=2)
                 f.write("\n")
@@ -122,6 +126,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     use_cache: bool = True,
+    tokenizer: str | None = None,
 ) -> ConvertResult:
     """Convert `checkpoint` with `adapter` into the HF folder `output` (written atomically)."""
     start = time.monotonic()
@@ -129,7 +134,7 @@ def convert(
         raise OutputError(f"{output}: already exists (pass --overwrite to replace it)")
     out_dtype = parse_user_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    plan = _run(adapter, checkpoint, output, model_args, out_dtype, shard_bytes, progress, use_cache)
+    plan = _run(adapter, checkpoint, output, model_args, out_dtype, shard_bytes, progress, use_cache, tokenizer)
     files = {n: os.path.getsize(os.path.join(output, n)) for n in sorted(os.listdir(output))}
     return ConvertResult(
         output,
@@ -142,6 +147,18 @@ def convert(
         time.monotonic() - start,
         plan.notes,
     )
+
+
+def _add_tokenizer(source: str, folder: str, plan: ConversionPlan) -> list[str]:
+    """Write HF tokenizer files next to the weights; failed checks abort, warnings become notes."""
+    from hubconv.tokenizers import reconcile_special_tokens, write_tokenizer
+
+    result = write_tokenizer(source, folder, model_max_length=plan.config.get("max_position_embeddings"))
+    checks = list(result.checks) + list(reconcile_special_tokens(folder, result, plan.config["vocab_size"]))
+    failed = [c for c in checks if c.status == "fail"]
+    if failed:
+        raise HubconvError(f"tokenizer {source}: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
+    return [f"tokenizer {c.name}: {c.detail}" for c in checks if c.status == "warn"]
 
 
 def _numel(shape: tuple[int, ...]) -> int:

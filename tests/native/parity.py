@@ -1,12 +1,7 @@
-"""Logits parity between the native reference forward (tests/native) and a converted HF folder.
-
-Also the second step of `make demo`: `python -m tests.native.parity --checkpoint ... --hf ...`.
-"""
+"""Logits parity between the native reference forward (tests/native) and a converted HF folder."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,22 +74,3 @@ def check_dir(checkpoint: str, hf_dir: str, native: dict[str, Any], positions: i
     if problems:
         raise AssertionError(f"transformers reported loading problems: {problems}")
     return compare(ref, got)
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description="Compare native reference logits with a converted HF folder.")
-    p.add_argument("--checkpoint", required=True, help="native TorchTitan DCP folder")
-    p.add_argument("--hf", required=True, help="converted folder (its hubconv.json gives the native args)")
-    p.add_argument("--positions", type=int, default=96)
-    a = p.parse_args()
-    import json
-    import os
-
-    native = json.load(open(os.path.join(a.hf, "hubconv.json")))["native_args"]
-    result = check_dir(a.checkpoint, a.hf, native, a.positions)
-    print(f"parity {'PASS' if result.ok else 'FAIL'}: {result}")
-    return 0 if result.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
