@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -75,6 +76,8 @@ def git_provenance(directory: str, tag: str | None = None) -> dict[str, str | No
             "release_tag": tag or ref_tag,
         }
     remote = _git(["config", "--get", "remote.origin.url"], directory)
+    if remote and not re.match(r"^(https?|ssh|git)://|^[\w.-]+@[\w.-]+:", remote):
+        remote = None  # a local path (a clone of a clone) would leak the machine's directories
     return {
         "git_repository": _strip_credentials(remote) if remote else None,
         "git_commit": _git(["rev-parse", "HEAD"], directory),

@@ -141,3 +141,29 @@ def test_convert_with_tokenizer(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     tok = AutoTokenizer.from_pretrained(out)
     assert len(tok) == 522 and tok.eos_token == "<|end_of_text|>"
+
+
+def test_git_provenance_never_publishes_local_paths_or_credentials(tmp_path, monkeypatch) -> None:
+    from hubconv.release import git_provenance
+
+    for var in ("GITHUB_REPOSITORY", "GITHUB_SHA", "GITHUB_REF_NAME", "GITHUB_REF_TYPE"):
+        monkeypatch.delenv(var, raising=False)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+
+    def origin(url: str) -> str | None:
+        subprocess.run(["git", "-C", str(tmp_path), "remote", "remove", "origin"], capture_output=True)
+        subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin", url], check=True)
+        return git_provenance(str(tmp_path))["git_repository"]
+
+    assert origin("/home/me/work/repo") is None
+    assert origin("https://user:ghp_secret@github.com/org/repo.git") == "https://github.com/org/repo.git"
+    assert origin("git@github.com:org/repo.git") == "git@github.com:org/repo.git"
+    monkeypatch.setenv("GITHUB_REPOSITORY", "org/repo")
+    monkeypatch.setenv("GITHUB_SHA", "abc")
+    monkeypatch.setenv("GITHUB_REF_TYPE", "tag")
+    monkeypatch.setenv("GITHUB_REF_NAME", "v1.0")
+    assert git_provenance(str(tmp_path)) == {
+        "git_repository": "https://github.com/org/repo",
+        "git_commit": "abc",
+        "release_tag": "v1.0",
+    }
