@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_release(sub)
     _add_init(sub)
     _add_adapters(sub)
+    from hubconv.devhub.cli import add_parser as _add_devhub
+
+    _add_devhub(sub)
     return parser
 
 

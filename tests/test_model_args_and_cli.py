@@ -99,7 +99,7 @@ def test_bad_model_args_value(tmp_path) -> None:
 def test_every_command_has_help() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert {"convert", "adapters"} <= set(sub.choices)
+    assert {"convert", "adapters", "smoke", "card", "release", "init", "devhub"} <= set(sub.choices)
     for name in sub.choices:
         r = subprocess.run([sys.executable, "-m", "hubconv", name, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: hubconv" in r.stdout, name

@@ -1,0 +1,3 @@
+from hubconv.devhub.cli import serve
+
+raise SystemExit(serve())
