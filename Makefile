@@ -1,4 +1,5 @@
-# Quick start: `make demo` (release the bundled example: convert, tokenizer, smoke + parity, card) and `make test`.
+# Quick start: `make demo` (release the bundled example: convert, tokenizer, smoke + parity, card, push to a
+# loopback Hub and download it back) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,6 +7,7 @@ STAMP := $(VENV)/.hubconv-installed
 # The CPU build of torch; override e.g. TORCH_SPEC='torch==2.13.0 --index-url <your index>' for GPU builds.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= out/demo
+DEMO_HUB ?= out/devhub
 
 .PHONY: setup demo test lint clean
 
@@ -18,8 +20,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/hubconv release --dry-run --config examples/tiny-llama3-torchtitan/.hubconv.yml --output $(DEMO_OUT) \
-		--overwrite
+	$(BIN)/hubconv release --config examples/tiny-llama3-torchtitan/.hubconv.yml --output $(DEMO_OUT) --overwrite \
+		--local-hub $(DEMO_HUB)
 
 test: setup
 	$(BIN)/ruff check hubconv tests benchmarks

@@ -169,6 +169,63 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_push_args(p: argparse.ArgumentParser, *, with_repo: bool = True) -> None:
+    if with_repo:
+        p.add_argument("--repo-id", required=True, help="Hub repository, e.g. org/model")
+        p.add_argument("--revision", default="main", help="branch to commit to (default main)")
+        p.add_argument("--private", action="store_true", help="create the repository as private")
+        p.add_argument("--create-pr", action="store_true", help="open (or update) a Hub pull request")
+        p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--commit-message")
+    p.add_argument("--force", action="store_true", help="move an existing Hub tag that points at other content")
+
+
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "push",
+        help="publish a release folder to the Hub in one atomic commit",
+        description="Upload every file of DIR in one commit (idempotent: unchanged files are not sent, an unchanged "
+        "folder makes no commit), tag it, or open/update a Hub PR with a report comment. Token: HF_TOKEN.",
+    )
+    p.add_argument("model_dir", metavar="DIR")
+    p.add_argument("--tag", help="Hub tag to create on the commit (e.g. the git release tag)")
+    _add_push_args(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_push)
+
+
+def _print_push(result: Any, as_json: bool) -> None:
+    if as_json:
+        json.dump(result.to_json(), sys.stdout, indent=2)
+        print()
+        return
+    what = "unchanged: no new commit" if result.no_op else f"commit {result.commit_sha[:12]}"
+    print(f"pushed to {result.repo_url} ({what})")
+    print(f"  commit: {result.commit_url}")
+    if result.tag:
+        print(f"  tag:    {result.tag}")
+    if result.pr_url:
+        print(f"  PR:     {result.pr_url}")
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from hubconv.hub import push
+
+    result = push(
+        args.model_dir,
+        args.repo_id,
+        revision=args.revision,
+        tag=args.tag,
+        create_pr=args.create_pr,
+        private=args.private,
+        commit_message=args.commit_message,
+        endpoint=args.endpoint,
+        force=args.force,
+    )
+    _print_push(result, args.json)
+    return 0
+
+
 def _add_release(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "release",
@@ -209,6 +266,13 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--description")
     h.add_argument("--language", action="append")
     h.add_argument("--base-model")
+    _add_push_args(h, with_repo=False)
+    p.add_argument(
+        "--local-hub",
+        metavar="DATA_DIR",
+        help="publish to a loopback Hub server (hubconv devhub) storing its data in DATA_DIR, then download the "
+        "commit back and check it generates like the local folder: the whole flow offline, no account needed",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_release)
@@ -261,30 +325,83 @@ def release_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
+    import contextlib
+    import os
+
     from hubconv.release import ReleaseFailed, run_release, summary_text
 
     cfg = release_config(args)
     if not args.dry_run:
-        raise HubconvError("publishing is not available in this version: run `hubconv release --dry-run`")
-    try:
-        result = run_release(cfg, overwrite=args.overwrite, progress=not (args.quiet or args.json), tag=args.tag)
-    except ReleaseFailed as e:
-        print(e.report, file=sys.stderr)
-        raise
-    if args.json:
-        out = {
+        cfg.require_hub()
+    hub_ctx: Any = contextlib.nullcontext(None)
+    if args.local_hub and not args.dry_run:
+        from hubconv.devhub import DevHub
+
+        namespace = (cfg.hub.repo_id or "devuser/model").split("/")[0]
+        hub_ctx = DevHub(args.local_hub, orgs=(namespace,))
+    with hub_ctx as local:
+        try:
+            result = run_release(cfg, overwrite=args.overwrite, progress=not (args.quiet or args.json), tag=args.tag)
+        except ReleaseFailed as e:
+            print(e.report, file=sys.stderr)
+            raise
+        out: dict[str, Any] = {
             "output": result.output,
             "files": result.files,
             "smoke_status": result.smoke_status,
             "checks": [vars(c) for c in result.checks],
             "provenance": result.provenance,
         }
+        if not args.json:
+            print(summary_text(result), end="")
+            print(result.report_md, end="")
+        if not args.dry_run:
+            from hubconv.hub import push
+
+            pushed = push(
+                result.output,
+                cfg.hub.repo_id,
+                revision=cfg.hub.revision,
+                tag=result.provenance.get("release_tag"),
+                create_pr=cfg.hub.create_pr,
+                private=cfg.hub.private,
+                commit_message=args.commit_message,
+                endpoint=local.url if local else cfg.hub.endpoint,
+                token=local.token if local else None,
+                force=args.force,
+                report_md=result.report_md,
+            )
+            out["push"] = pushed.to_json()
+            if not args.json:
+                _print_push(pushed, False)
+            if local:
+                out["verify"] = _verify_local(local, cfg, result.output, pushed, args.json)
+                if not args.json:
+                    print(f"browse it: hubconv devhub --data {os.path.abspath(args.local_hub)}")
+    if args.json:
         json.dump(out, sys.stdout, indent=2)
         print()
-    else:
-        print(summary_text(result), end="")
-        print(result.report_md, end="")
     return 0
+
+
+def _verify_local(local: Any, cfg: Any, folder: str, pushed: Any, quiet: bool) -> dict[str, Any]:
+    """Download what was pushed to the loopback Hub and check it generates like the local folder."""
+    from hubconv.hub import REPORT_FILES
+    from hubconv.verify import verify_download
+
+    revision = f"refs/pr/{pushed.pr_number}" if pushed.pr_number else pushed.commit_sha
+    ignore = REPORT_FILES if pushed.no_op else frozenset()  # a no-op run keeps the published reports
+    check = verify_download(
+        cfg.hub.repo_id, revision, local.url, local.token, folder, cfg.smoke.prompts[0].prompt, ignore=ignore
+    )
+    if not (check["files_identical"] and check["same_generation"]):
+        raise HubconvError(f"the downloaded release differs from the local folder: {check}")
+    if not quiet:
+        print(
+            f"verified: downloaded {revision} from {local.url} with huggingface_hub; files identical, transformers "
+            f"generates the same {len(check['generated_ids'])} tokens"
+        )
+    return check
 
 
 def _add_card(sub: argparse._SubParsersAction) -> None:
@@ -358,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_smoke(sub)
     _add_card(sub)
+    _add_push(sub)
     _add_release(sub)
     _add_init(sub)
     _add_adapters(sub)

@@ -99,6 +99,12 @@ class ReleaseConfig:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"`{name}` is required: set it in {CONFIG_NAME} or pass {flag}", self.source)
 
+    def require_hub(self) -> None:
+        if not self.hub.repo_id:
+            raise ConfigError(
+                f"`hub.repo_id` is required to publish: set it in {CONFIG_NAME} or pass --repo-id", self.source
+            )
+
 
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
