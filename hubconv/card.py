@@ -324,12 +324,21 @@ def sha256_file(path: str, block: int = HASH_BLOCK) -> str:
     return h.hexdigest()
 
 
+def streamed_shards(model_dir: str) -> dict[str, dict[str, Any]]:
+    """Shards already uploaded by a streaming release and removed locally (`.hubconv/streamed.json`)."""
+    path = os.path.join(model_dir, ".hubconv", "streamed.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def weight_files(model_dir: str) -> list[dict[str, Any]]:
     """`{"name", "size", "sha256"}` for every weight file in the folder (top level), sorted by name."""
     names = sorted(
         n for n in os.listdir(model_dir) if n.endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(model_dir, n))
     )
-    return [
+    files = [
         {
             "name": n,
             "size": os.path.getsize(os.path.join(model_dir, n)),
@@ -337,6 +346,8 @@ def weight_files(model_dir: str) -> list[dict[str, Any]]:
         }
         for n in names
     ]
+    files += [{"name": n, "size": r["size"], "sha256": r["sha256"]} for n, r in streamed_shards(model_dir).items()]
+    return sorted(files, key=lambda f: f["name"])
 
 
 def count_parameters(model_dir: str) -> tuple[int, dict[str, int]]:
@@ -344,10 +355,11 @@ def count_parameters(model_dir: str) -> tuple[int, dict[str, int]]:
     seen: set[str] = set()
     total = 0
     by_dtype: Counter[str] = Counter()
+    headers = {n: r["header"] for n, r in streamed_shards(model_dir).items()}
     for name in sorted(os.listdir(model_dir)):
-        if not name.endswith(".safetensors"):
-            continue
-        header, _ = read_header(os.path.join(model_dir, name))
+        if name.endswith(".safetensors"):
+            headers[name] = read_header(os.path.join(model_dir, name))[0]
+    for name, header in sorted(headers.items()):
         for key, info in header.items():
             if key == "__metadata__" or key in seen:
                 continue

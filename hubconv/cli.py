@@ -268,6 +268,12 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--base-model")
     _add_push_args(h, with_repo=False)
     p.add_argument(
+        "--stream-upload",
+        action="store_true",
+        help="upload each shard as soon as it is written and delete it locally (disk: about two shards); the "
+        "load/generate/parity checks are skipped since the model never exists locally",
+    )
+    p.add_argument(
         "--local-hub",
         metavar="DATA_DIR",
         help="publish to a loopback Hub server (hubconv devhub) storing its data in DATA_DIR, then download the "
@@ -328,6 +334,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
     import contextlib
     import os
 
+    from hubconv.hub import StreamingUploader
     from hubconv.release import ReleaseFailed, run_release, summary_text
 
     cfg = release_config(args)
@@ -340,11 +347,27 @@ def _cmd_release(args: argparse.Namespace) -> int:
         namespace = (cfg.hub.repo_id or "devuser/model").split("/")[0]
         hub_ctx = DevHub(args.local_hub, orgs=(namespace,))
     with hub_ctx as local:
+        endpoint = local.url if local else cfg.hub.endpoint
+        token = local.token if local else None
+        uploader = None
+        if args.stream_upload:
+            if args.dry_run:
+                raise HubconvError("--stream-upload publishes as it converts: it cannot be combined with --dry-run")
+            from hubconv.hub import open_repo
+
+            api = open_repo(cfg.hub.repo_id, endpoint=endpoint, token=token, private=cfg.hub.private)
+            uploader = StreamingUploader(api, cfg.hub.repo_id)
         try:
-            result = run_release(cfg, overwrite=args.overwrite, progress=not (args.quiet or args.json), tag=args.tag)
-        except ReleaseFailed as e:
-            print(e.report, file=sys.stderr)
+            result = run_release(
+                cfg, overwrite=args.overwrite, progress=not (args.quiet or args.json), tag=args.tag, sink=uploader
+            )
+        except BaseException as e:
+            if uploader is not None:
+                uploader.abort()  # nothing is committed: pre-uploaded objects stay unreferenced
+            if isinstance(e, ReleaseFailed):
+                print(e.report, file=sys.stderr)
             raise
+        preuploaded = uploader.finish() if uploader is not None else []
         out: dict[str, Any] = {
             "output": result.output,
             "files": result.files,
@@ -366,16 +389,19 @@ def _cmd_release(args: argparse.Namespace) -> int:
                 create_pr=cfg.hub.create_pr,
                 private=cfg.hub.private,
                 commit_message=args.commit_message,
-                endpoint=local.url if local else cfg.hub.endpoint,
-                token=local.token if local else None,
+                endpoint=endpoint,
+                token=token,
                 force=args.force,
                 report_md=result.report_md,
+                preuploaded=preuploaded,
             )
+            if uploader is not None:
+                out["stream"] = {"peak_shard_bytes_on_disk": uploader.peak_bytes_on_disk}
             out["push"] = pushed.to_json()
             if not args.json:
                 _print_push(pushed, False)
             if local:
-                out["verify"] = _verify_local(local, cfg, result.output, pushed, args.json)
+                out["verify"] = _verify_local(local, cfg, result.output, pushed, args.json, streamed=bool(preuploaded))
                 if not args.json:
                     print(f"browse it: hubconv devhub --data {os.path.abspath(args.local_hub)}")
     if args.json:
@@ -384,7 +410,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify_local(local: Any, cfg: Any, folder: str, pushed: Any, quiet: bool) -> dict[str, Any]:
+def _verify_local(local: Any, cfg: Any, folder: str, pushed: Any, quiet: bool, streamed: bool) -> dict[str, Any]:
     """Download what was pushed to the loopback Hub and check it generates like the local folder."""
     from hubconv.hub import REPORT_FILES
     from hubconv.verify import verify_download
@@ -392,14 +418,22 @@ def _verify_local(local: Any, cfg: Any, folder: str, pushed: Any, quiet: bool) -
     revision = f"refs/pr/{pushed.pr_number}" if pushed.pr_number else pushed.commit_sha
     ignore = REPORT_FILES if pushed.no_op else frozenset()  # a no-op run keeps the published reports
     check = verify_download(
-        cfg.hub.repo_id, revision, local.url, local.token, folder, cfg.smoke.prompts[0].prompt, ignore=ignore
+        cfg.hub.repo_id,
+        revision,
+        local.url,
+        local.token,
+        folder,
+        cfg.smoke.prompts[0].prompt,
+        ignore=ignore,
+        compare_generation=not streamed,
     )
     if not (check["files_identical"] and check["same_generation"]):
         raise HubconvError(f"the downloaded release differs from the local folder: {check}")
     if not quiet:
+        same = "the same" if check["generation_compared"] else "(streamed: no local copy to compare)"
         print(
             f"verified: downloaded {revision} from {local.url} with huggingface_hub; files identical, transformers "
-            f"generates the same {len(check['generated_ids'])} tokens"
+            f"loads it and generates {same} {len(check['generated_ids'])} tokens"
         )
     return check
 

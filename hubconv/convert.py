@@ -18,7 +18,7 @@ from hubconv.dtypes import DType, parse_user_dtype
 from hubconv.errors import HubconvError, OutputError
 from hubconv.hf_target import TargetCheck, compare
 from hubconv.io.checkpoint import open_checkpoint
-from hubconv.io.writer import ShardPlan, parse_size, plan_shards, write_model
+from hubconv.io.writer import ShardPlan, ShardSink, parse_size, plan_shards, write_model
 
 # Room left free for config/tokenizer files and filesystem overhead when checking disk space.
 _DISK_MARGIN = 16 * 1024 * 1024
@@ -70,6 +70,7 @@ def _run(
     progress: bool,
     use_cache: bool,
     tokenizer: str | None = None,
+    sink: ShardSink | None = None,
 ) -> ConversionPlan:
     with open_checkpoint(checkpoint) as ckpt:
         plan = build_plan(adapter, ckpt, model_args)
@@ -86,7 +87,7 @@ def _run(
         check: TargetCheck | None = None
         try:
             os.makedirs(staging)
-            _check_free_space(staging, shards)
+            _check_free_space(staging, shards, streaming=sink is not None)
             check = TargetCheck(
                 plan.model_type,
                 plan.config,
@@ -95,7 +96,7 @@ def _run(
                 str(dtypes[dominant.name]),
                 use_cache=use_cache,
             )
-            write_model(shards, targets, staging, show_progress=progress)
+            write_model(shards, targets, staging, show_progress=progress, sink=sink)
             compare(check.result(), {t.name: t.shape for t in plan.targets})
             if tokenizer:
                 notes = _add_tokenizer(tokenizer, staging, plan)
@@ -127,6 +128,7 @@ def convert(
     progress: bool = True,
     use_cache: bool = True,
     tokenizer: str | None = None,
+    sink: ShardSink | None = None,
 ) -> ConvertResult:
     """Convert `checkpoint` with `adapter` into the HF folder `output` (written atomically)."""
     start = time.monotonic()
@@ -134,8 +136,8 @@ def convert(
         raise OutputError(f"{output}: already exists (pass --overwrite to replace it)")
     out_dtype = parse_user_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    plan = _run(adapter, checkpoint, output, model_args, out_dtype, shard_bytes, progress, use_cache, tokenizer)
-    files = {n: os.path.getsize(os.path.join(output, n)) for n in sorted(os.listdir(output))}
+    plan = _run(adapter, checkpoint, output, model_args, out_dtype, shard_bytes, progress, use_cache, tokenizer, sink)
+    files = {n: os.path.getsize(os.path.join(output, n)) for n in sorted(os.listdir(output)) if not n.startswith(".")}
     return ConvertResult(
         output,
         plan.adapter,
@@ -168,8 +170,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _check_free_space(folder: str, shards: ShardPlan) -> None:
-    need = sum(shards.file_sizes().values()) + _DISK_MARGIN
+def _check_free_space(folder: str, shards: ShardPlan, streaming: bool = False) -> None:
+    sizes = sorted(shards.file_sizes().values(), reverse=True)
+    need = sum(sizes[:2] if streaming else sizes) + _DISK_MARGIN  # streaming keeps at most two shards
     free = shutil.disk_usage(folder).free
     if free < need:
         raise OutputError(

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -170,6 +171,27 @@ def upsert_report_comment(api: Any, repo_id: str, pr_number: int, report_md: str
     return api.comment_discussion(repo_id, pr_number, body).id
 
 
+def open_repo(repo_id: str, *, endpoint: str | None, token: str | None, private: bool = False) -> Any:
+    """An authenticated HfApi for `repo_id`, which exists afterwards (created if needed)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = hub_token(token)
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    _no_xet_on_loopback(endpoint)
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        with_retries("whoami", api.whoami)
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "?"
+        raise HubconvError(f"{endpoint} rejected the Hub token (HTTP {status}); check HF_TOKEN") from None
+    try:
+        with_retries("create_repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+    except HfHubHTTPError as e:
+        raise HubconvError(f"cannot create or access {repo_id} on {endpoint}: {_reason(e)}") from None
+    return api
+
+
 def push(
     folder: str,
     repo_id: str,
@@ -189,23 +211,12 @@ def push(
 
     `preuploaded`: `CommitOperationAdd`s already sent with `preupload_lfs_files` (streamed shards
     that no longer exist locally); the commit references them by sha256."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import CommitOperationAdd
 
-    token = hub_token(token)
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    _no_xet_on_loopback(endpoint)
-    api = HfApi(endpoint=endpoint, token=token)
-    try:
-        with_retries("whoami", api.whoami)
-    except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else "?"
-        raise HubconvError(f"{endpoint} rejected the Hub token (HTTP {status}); check HF_TOKEN") from None
+    api = open_repo(repo_id, endpoint=endpoint, token=token, private=private)
+    endpoint = api.endpoint
+    repo_url = f"{endpoint}/{repo_id}"
     message = commit_message or (f"Release {tag} (hubconv)" if tag else "Upload model (hubconv)")
-    try:
-        repo_url = str(with_retries("create_repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True)))
-    except HfHubHTTPError as e:
-        raise HubconvError(f"cannot create or access {repo_id} on {endpoint}: {_reason(e)}") from None
 
     files = folder_files(folder) + [
         PushedFile(op.path_in_repo, op.upload_info.size, op.upload_info.sha256.hex()) for op in preuploaded
@@ -347,3 +358,104 @@ def _ensure_tag(api: Any, repo_id: str, tag: str, commit_sha: str, force: bool) 
             return  # same content under another commit id (checked before committing when not forced)
         with_retries("delete tag", lambda: api.delete_tag(repo_id, tag=tag))
     with_retries("create tag", lambda: api.create_tag(repo_id, tag=tag, revision=commit_sha, exist_ok=True))
+
+
+STREAM_RECORD = os.path.join(".hubconv", "streamed.json")
+
+
+class StreamingUploader:
+    """A `ShardSink` that pre-uploads each finished shard (`preupload_lfs_files`) and deletes it.
+
+    At most `max_on_disk` shards exist locally at once: `reserve()` (called by the writer before it
+    creates a shard) blocks until an upload has freed a slot. What was uploaded is recorded in
+    `.hubconv/streamed.json` (name, size, sha256, safetensors header) so the model card can still
+    list checksums and count parameters; `operations` go into the final commit."""
+
+    def __init__(self, api: Any, repo_id: str, *, revision: str | None = None, max_on_disk: int = 2):
+        import queue
+        import threading
+
+        self.api, self.repo_id, self.revision = api, repo_id, revision
+        self.operations: list[Any] = []
+        self.peak_bytes_on_disk = 0
+        self._on_disk: dict[str, int] = {}
+        self._slots = threading.Semaphore(max_on_disk)
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="hubconv-upload", daemon=True)
+        self._thread.start()
+
+    def reserve(self) -> None:
+        while not self._slots.acquire(timeout=0.2):
+            if self._error is not None:
+                raise HubconvError(f"streaming upload failed: {_reason(self._error)}")
+        if self._error is not None:
+            raise HubconvError(f"streaming upload failed: {_reason(self._error)}")
+
+    def done(self, path: str) -> None:
+        with self._lock:
+            self._on_disk[path] = os.path.getsize(path)
+            self.peak_bytes_on_disk = max(self.peak_bytes_on_disk, sum(self._on_disk.values()))
+        self._queue.put(path)
+
+    def _run(self) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        from hubconv.io.safetensors_reader import read_header
+
+        while (path := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    header, _ = read_header(path)
+                    op = CommitOperationAdd(path_in_repo=os.path.basename(path), path_or_fileobj=path)
+                    with_retries(
+                        f"upload {op.path_in_repo}",
+                        lambda op=op: self.api.preupload_lfs_files(self.repo_id, [op], revision=self.revision),
+                    )
+                    self._record(path, op, header)
+                    os.remove(path)
+                    self.operations.append(op)
+            except BaseException as e:  # reported to the writer through reserve() and to finish()
+                self._error = e
+            finally:
+                with self._lock:
+                    self._on_disk.pop(path, None)
+                self._slots.release()
+                self._queue.task_done()
+
+    def _record(self, path: str, op: Any, header: dict[str, Any]) -> None:
+        record_path = os.path.join(os.path.dirname(path), STREAM_RECORD)
+        os.makedirs(os.path.dirname(record_path), exist_ok=True)
+        records = {}
+        if os.path.exists(record_path):
+            with open(record_path) as f:
+                records = json.load(f)
+        records[op.path_in_repo] = {
+            "size": op.upload_info.size,
+            "sha256": op.upload_info.sha256.hex(),
+            "header": header,
+        }
+        with open(record_path, "w") as f:
+            json.dump(records, f)
+
+    def flush(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            raise HubconvError(f"streaming upload failed: {_reason(self._error)}")
+
+    def abort(self) -> None:
+        """Stop after the current upload; errors are dropped (the caller is failing already)."""
+        self._error = self._error or HubconvError("aborted")
+        self._stop()
+
+    def _stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def finish(self) -> list[Any]:
+        """Wait for the uploads; the operations to commit (raises if any upload failed)."""
+        self._stop()
+        if self._error is not None:
+            raise HubconvError(f"streaming upload failed: {_reason(self._error)}")
+        return self.operations

@@ -29,8 +29,10 @@ def verify_download(
     prompt: str,
     max_new_tokens: int = 16,
     ignore: frozenset[str] = frozenset(),
+    compare_generation: bool = True,
 ) -> dict[str, Any]:
-    """snapshot_download `revision`, compare bytes with `local_dir` (but `ignore`), and generate from both."""
+    """snapshot_download `revision`, compare bytes with `local_dir` (but `ignore`), and generate from both
+    (from the download only when `compare_generation` is false: streamed shards are not kept locally)."""
     from huggingface_hub import snapshot_download
 
     with tempfile.TemporaryDirectory(prefix="hubconv-verify-") as tmp:
@@ -43,10 +45,11 @@ def verify_download(
                 if not os.path.isfile(remote) or open(remote, "rb").read() != open(local, "rb").read():
                     mismatched.append(name)
         downloaded = generate_ids(path, prompt, max_new_tokens)
-    original = generate_ids(local_dir, prompt, max_new_tokens)
+    original = generate_ids(local_dir, prompt, max_new_tokens) if compare_generation else downloaded
     return {
         "files_identical": not mismatched,
         "mismatched_files": mismatched,
         "same_generation": downloaded == original,
+        "generation_compared": compare_generation,
         "generated_ids": downloaded,
     }

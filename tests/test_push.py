@@ -190,3 +190,71 @@ def test_cli_json_and_the_token_never_printed(hub, folder) -> None:
     assert bad.returncode == 1 and "hf_wrong_token_123" not in bad.stdout.replace("::add-mask::hf_wrong_token_123", "")
     assert "hf_wrong_token_123" not in bad.stderr
     assert hub.token not in open(hub.log_path).read()
+
+
+def test_stream_upload_keeps_two_shards_on_disk(tmp_path) -> None:
+    """release --stream-upload: shards leave as they are written; the commit still has them all."""
+    from safetensors import safe_open
+
+    out, data = str(tmp_path / "release"), str(tmp_path / "hub")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hubconv",
+            "release",
+            "--config",
+            os.path.join(EXAMPLE, ".hubconv.yml"),
+            "--output",
+            out,
+            "--local-hub",
+            data,
+            "--stream-upload",
+            "--max-shard-size",
+            "300KB",
+            "--quiet",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout[r.stdout.index("{") :])
+    shards = [f for f in result["push"]["files"] if f["path"].startswith("model-")]
+    assert len(shards) == 9
+    biggest = max(f["size"] for f in shards)
+    assert 0 < result["stream"]["peak_shard_bytes_on_disk"] <= 2 * biggest
+    assert not [n for n in os.listdir(out) if n.endswith(".safetensors")]  # none kept locally
+    assert result["verify"]["files_identical"]
+    # Same tokens as the non-streamed release of the same checkpoint.
+    with DevHub(data) as hub:
+        files = hub.files("hubconv-demo/tiny-llama3-torchtitan")
+    assert {f["path"] for f in shards} <= set(files)
+    card = open(os.path.join(out, "README.md")).read()
+    assert all(f["sha256"] in card for f in shards)  # checksums recorded while streaming
+    assert "skipped: streaming upload" in open(os.path.join(out, "smoke.json")).read()
+    local = tmp_path / "plain"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hubconv",
+            "convert",
+            "--adapter",
+            "torchtitan",
+            "--checkpoint",
+            os.path.join(EXAMPLE, "step-800"),
+            "--model-args",
+            os.path.join(EXAMPLE, "model_args.yaml"),
+            "--output",
+            str(local),
+            "--max-shard-size",
+            "300KB",
+            "--quiet",
+        ],
+        check=True,
+    )
+    for f in shards:
+        assert files[f["path"]] == (local / f["path"]).read_bytes()
+    with safe_open(str(local / shards[0]["path"]), framework="pt") as f:
+        assert list(f.keys())

@@ -17,6 +17,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -205,6 +206,27 @@ def default_threads() -> int:
     return max(1, min(4, int(os.environ.get("HUBCONV_WRITE_THREADS", os.cpu_count() or 1))))
 
 
+class ShardSink(Protocol):
+    """Receives finished shards (streaming upload); `reserve` may block to bound disk use."""
+
+    def reserve(self) -> None: ...
+
+    def done(self, path: str) -> None: ...
+
+    def flush(self) -> None:
+        """Return once every shard handed to `done` has been consumed (or raise why not)."""
+
+
+@dataclass
+class _OpenShard:
+    path: str
+    header: bytes
+    remaining: int
+    fd: int | None = None
+    finished: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 def write_model(
     plan: ShardPlan,
     targets: dict[str, Target],
@@ -212,47 +234,69 @@ def write_model(
     *,
     show_progress: bool = True,
     threads: int | None = None,
+    sink: ShardSink | None = None,
 ) -> None:
     """Write every shard (and the index when sharded) into `out_dir`, which must exist.
 
     Offsets are fixed by the plan, so tensors are independent jobs: a few threads move them at
-    once (kernel copies and numpy release the GIL), in plan order."""
+    once (kernel copies and numpy release the GIL), in plan order. A shard file is created when
+    its first tensor starts and handed to `sink` as soon as its last tensor is written."""
     from concurrent.futures import ThreadPoolExecutor
-    from threading import Lock
 
     from tqdm.auto import tqdm
 
     copier = _Copier()
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="writing", disable=not show_progress or None)
-    lock = Lock()
+    bar_lock = threading.Lock()
 
     def progress(n: int) -> None:
-        with lock:
+        with bar_lock:
             bar.update(n)
 
-    fds: list[int] = []
+    shards = [
+        _OpenShard(os.path.join(out_dir, s.filename), s.header(plan.metadata), len(s.tensors)) for s in plan.shards
+    ]
+
+    def job(state: _OpenShard, planned: PlannedTensor) -> None:
+        with state.lock:
+            if state.fd is None:
+                if sink is not None:
+                    sink.reserve()
+                state.fd = os.open(state.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                _write_all(state.fd, memoryview(state.header), 0)
+        _write_tensor(state.fd, len(state.header), planned, targets[planned.name], copier, progress)
+        with state.lock:
+            state.remaining -= 1
+            if state.remaining == 0:
+                os.close(state.fd)
+                state.finished = True
+                if sink is not None:
+                    sink.done(state.path)
+
     try:
-        jobs = []
-        for shard in plan.shards:
-            fd = os.open(os.path.join(out_dir, shard.filename), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            fds.append(fd)
-            header = shard.header(plan.metadata)
-            _write_all(fd, memoryview(header), 0)
-            jobs += [(fd, len(header), planned) for planned in shard.tensors]
         with ThreadPoolExecutor(max_workers=threads or default_threads()) as pool:
             futures = [
-                pool.submit(_write_tensor, fd, base, planned, targets[planned.name], copier, progress)
-                for fd, base, planned in jobs
+                pool.submit(job, state, planned)
+                for state, shard in zip(shards, plan.shards, strict=True)
+                for planned in shard.tensors
             ]
-            for f in futures:
-                f.result()
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()  # do not write the rest of a model that is failing
+                raise
+        if sink is not None:
+            sink.flush()  # shards leave this folder before anyone renames it
         index = plan.index()
         if index is not None:
             with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
                 json.dump(index, f, indent=2)
                 f.write("\n")
     finally:
-        for fd in fds:
-            os.close(fd)
+        for state in shards:
+            if state.fd is not None and not state.finished:
+                os.close(state.fd)
         bar.close()
         copier.close()
