@@ -9,8 +9,15 @@ listings and `resolve` downloads. Clients must set `HF_HUB_DISABLE_XET=1` (no Xe
         api = HfApi(endpoint=hub.url, token=hub.token)
 """
 
-from .cli import main, serve
-from .faults import FaultRule
-from .server import DevHub
+from importlib import import_module
+from typing import Any
 
 __all__ = ["DevHub", "FaultRule", "main", "serve"]
+_WHERE = {"DevHub": ".server", "FaultRule": ".faults", "main": ".cli", "serve": ".cli"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import lazily: `hubconv`'s command line registers `devhub` without loading the server."""
+    if name in _WHERE:
+        return getattr(import_module(_WHERE[name], __name__), name)
+    raise AttributeError(name)

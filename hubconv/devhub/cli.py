@@ -7,8 +7,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .server import DevHub
-
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port; default 8765)")
@@ -55,6 +53,8 @@ def main(
     orgs: Sequence[str] | None = None,
 ) -> int:
     """Start the dev Hub, print its URL and tokens, serve until Ctrl-C. Returns an exit code."""
+    from .server import DevHub
+
     hub = DevHub(
         data,
         host=host,

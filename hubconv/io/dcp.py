@@ -145,6 +145,9 @@ class DcpTensor:
             if lo >= hi:
                 continue
             crow = numel(c.sizes[1:]) * self.dtype.itemsize
+            if c.sizes[1:] == self.shape[1:]:  # whole rows: read straight into place
+                self._pool.pread_into(c.path, base + (lo - c.offsets[0]) * crow, out[lo - start : hi - start])
+                continue
             block = np.empty((hi - lo, *c.sizes[1:]), dtype=self.dtype.np)
             self._pool.pread_into(c.path, base + (lo - c.offsets[0]) * crow, block)
             inner = (slice(o, o + s) for o, s in zip(c.offsets[1:], c.sizes[1:], strict=True))

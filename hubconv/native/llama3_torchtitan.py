@@ -33,7 +33,7 @@ def _load(t: LazyTensor) -> torch.Tensor:
 def _linear(x: torch.Tensor, w: LazyTensor) -> torch.Tensor:
     """x @ W.T with W read in row blocks (output features)."""
     outs = []
-    for lo, hi in row_blocks(w.shape, 4):  # blocks sized for the float32 copy
+    for lo, hi in row_blocks(w.shape, 4, block=64 << 20):  # float32 blocks big enough for efficient matmuls
         block = _f32(w.read_rows(lo, hi), w).reshape(hi - lo, -1)
         outs.append(x @ block.T)
     return torch.cat(outs, dim=-1)
