@@ -324,10 +324,16 @@ def release_config(args: argparse.Namespace) -> Any:
     for flag in ("repo_id", "private", "create_pr", "revision", "endpoint"):
         if getattr(args, flag) is not None:
             setattr(cfg.hub, flag, getattr(args, flag))
+    _apply_card_flags(args, cfg)
+    return cfg
+
+
+def _apply_card_flags(args: argparse.Namespace, cfg: Any) -> None:
+    if args.repo_id is not None:
+        cfg.hub.repo_id = args.repo_id
     for flag in ("license", "title", "description", "language", "base_model"):
         if getattr(args, flag) is not None:
             setattr(cfg.card, flag, getattr(args, flag))
-    return cfg
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
@@ -460,29 +466,15 @@ def _add_card(sub: argparse._SubParsersAction) -> None:
 def _cmd_card(args: argparse.Namespace) -> int:
     import os
 
-    from hubconv.card import CardFields, Provenance, write_card
+    from hubconv.card import Provenance, write_card
     from hubconv.config import CONFIG_NAME, ReleaseConfig, load_config
-    from hubconv.release import git_provenance
+    from hubconv.release import card_fields, git_provenance
 
     path = args.config or (CONFIG_NAME if os.path.exists(CONFIG_NAME) else None)
     cfg = load_config(path) if path else ReleaseConfig()
-    c = cfg.card
-    fields = CardFields(
-        repo_id=args.repo_id or cfg.hub.repo_id,
-        title=args.title or c.title,
-        description=args.description or c.description,
-        license=args.license or c.license,
-        license_name=c.license_name,
-        license_link=c.license_link,
-        language=args.language or c.language,
-        datasets=c.datasets,
-        base_model=args.base_model or c.base_model,
-        tags=c.tags,
-        template=c.template,
-        extra_sections=c.extra_sections,
-    )
+    _apply_card_flags(args, cfg)
     prov = Provenance(**git_provenance(os.path.abspath(args.model_dir), args.tag))
-    print(f"wrote {write_card(args.model_dir, fields, prov)}")
+    print(f"wrote {write_card(args.model_dir, card_fields(cfg), prov)}")
     return 0
 
 

@@ -114,7 +114,7 @@ def run_release(
     With `sink` (a streaming uploader) shards leave as soon as they are written and never all
     exist locally, so the load/generate/parity checks cannot run here: they are reported as
     skipped, and the target-architecture, tokenizer and card checks still run."""
-    from hubconv.card import CardFields, Provenance, write_card
+    from hubconv.card import Provenance, write_card
     from hubconv.smoke import Check, SmokeReport, render_markdown, run_smoke, write_report
 
     cfg.require("adapter", "checkpoint")
@@ -208,22 +208,7 @@ def run_release(
             converted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             **prov,
         )
-        c = cfg.card
-        fields = CardFields(
-            repo_id=cfg.hub.repo_id,
-            title=c.title,
-            description=c.description,
-            license=c.license,
-            license_name=c.license_name,
-            license_link=c.license_link,
-            language=c.language,
-            datasets=c.datasets,
-            base_model=c.base_model,
-            tags=c.tags,
-            template=c.template,
-            extra_sections=c.extra_sections,
-        )
-        write_card(staging, fields, provenance)
+        write_card(staging, card_fields(cfg), provenance)
         checks.append(StageCheck("card", "README.md", "pass", "metadata validated locally"))
         if os.path.exists(cfg.output):
             old = f"{staging}-old"
@@ -239,6 +224,15 @@ def run_release(
     }
     result.provenance = {k: v for k, v in vars(provenance).items() if v is not None}
     return result
+
+
+def card_fields(cfg: ReleaseConfig) -> Any:
+    """The model card fields of a release: the `card:` section plus the Hub repo id."""
+    from dataclasses import asdict
+
+    from hubconv.card import CardFields
+
+    return CardFields(repo_id=cfg.hub.repo_id, **asdict(cfg.card))
 
 
 def _relative(path: str, cfg: ReleaseConfig) -> str:
