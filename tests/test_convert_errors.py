@@ -163,7 +163,7 @@ def test_disk_filling_up_while_writing_leaves_nothing(tmp_path, small_disk, monk
     a = tiny(vocab_size=2048)
     ckpt = write(tmp_path, tt.random_state_dict(a, seed=0))
     # Pretend the free-space check passed, so the real tmpfs runs out mid-write (ENOSPC).
-    monkeypatch.setattr(convert_module, "_check_free_space", lambda *a: None)
+    monkeypatch.setattr(convert_module, "_check_free_space", lambda *a, **k: None)
     out = str(small_disk / "out")
     with pytest.raises(OutputError, match="no space left on the device"):
         convert("torchtitan", ckpt, out, model_args=user_args(a), progress=False)
