@@ -14,6 +14,7 @@ from typing import Any
 from hubconv import __version__
 from hubconv.adapters import registry
 from hubconv.adapters.base import ConversionPlan
+from hubconv.atomic import publish_dir, staging_dir
 from hubconv.dtypes import DType, parse_user_dtype
 from hubconv.errors import HubconvError, OutputError
 from hubconv.hf_target import TargetCheck, compare
@@ -35,23 +36,6 @@ class ConvertResult:
     native_args: dict[str, Any]
     seconds: float
     notes: list[str] = field(default_factory=list)
-
-
-def _staging_dir(output: str) -> str:
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    return os.path.join(parent, f".{os.path.basename(os.path.abspath(output))}.hubconv-tmp-{os.getpid()}")
-
-
-def _publish(staging: str, output: str) -> None:
-    """Move the finished folder into place; an existing output (with --overwrite) is replaced."""
-    if os.path.exists(output):
-        old = f"{staging}-old"
-        os.rename(output, old)
-        os.rename(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, output)
 
 
 def build_plan(adapter_spec: str, ckpt: Any, model_args: str | Mapping[str, Any] | None) -> ConversionPlan:
@@ -82,7 +66,7 @@ def _run(
             shard_bytes,
             {"format": "pt", "converted_by": f"hubconv {__version__}", "source_adapter": plan.adapter},
         )
-        staging = _staging_dir(output)
+        staging = staging_dir(output, "tmp")
         shutil.rmtree(staging, ignore_errors=True)
         check: TargetCheck | None = None
         try:
@@ -104,7 +88,7 @@ def _run(
             with open(os.path.join(staging, "hubconv.json"), "w") as f:
                 json.dump(_record(plan, checkpoint), f, indent=2)
                 f.write("\n")
-            _publish(staging, output)
+            publish_dir(staging, output)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise OutputError(f"{output}: no space left on the device while writing; nothing was written") from None

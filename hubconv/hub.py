@@ -348,14 +348,8 @@ def _ensure_tag(api: Any, repo_id: str, tag: str, commit_sha: str, force: bool) 
     refs = with_retries("list refs", lambda: api.list_repo_refs(repo_id))
     existing = next((t for t in refs.tags if t.name == tag), None)
     if existing is not None:
-        if existing.target_commit == commit_sha:
-            return
-        _, ours = _remote_state(api, repo_id, commit_sha)
-        _, theirs = _remote_state(api, repo_id, existing.target_commit)
-        if not force or {k: v for k, v in ours.items() if k not in REPORT_FILES} == {
-            k: v for k, v in theirs.items() if k not in REPORT_FILES
-        }:
-            return  # same content under another commit id (checked before committing when not forced)
+        if existing.target_commit == commit_sha or not force:
+            return  # not forced: _check_tag_free found this release's content under the tag already
         with_retries("delete tag", lambda: api.delete_tag(repo_id, tag=tag))
     with_retries("create tag", lambda: api.create_tag(repo_id, tag=tag, revision=commit_sha, exist_ok=True))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hubconv import __version__
+from hubconv.atomic import publish_dir, staging_dir
 from hubconv.config import ReleaseConfig
 from hubconv.convert import ConvertResult, convert
 from hubconv.errors import HubconvError, OutputError
@@ -86,12 +87,6 @@ def git_provenance(directory: str, tag: str | None = None) -> dict[str, str | No
     }
 
 
-def _staging(output: str) -> str:
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    return os.path.join(parent, f".{os.path.basename(os.path.abspath(output))}.hubconv-release-{os.getpid()}")
-
-
 def _summary(result: ReleaseResult) -> str:
     icon = {"pass": "✅", "warn": "⚠️", "fail": "❌"}
     lines = ["| stage | check | status | detail |", "| --- | --- | --- | --- |"]
@@ -121,7 +116,7 @@ def run_release(
     assert cfg.adapter is not None and cfg.checkpoint is not None
     if os.path.exists(cfg.output) and not overwrite:
         raise OutputError(f"{cfg.output}: already exists (pass --overwrite to replace it)")
-    staging = _staging(cfg.output)
+    staging = staging_dir(cfg.output, "release")
     shutil.rmtree(staging, ignore_errors=True)
     checks: list[StageCheck] = []
     started = time.time()
@@ -210,13 +205,7 @@ def run_release(
         )
         write_card(staging, card_fields(cfg), provenance)
         checks.append(StageCheck("card", "README.md", "pass", "metadata validated locally"))
-        if os.path.exists(cfg.output):
-            old = f"{staging}-old"
-            os.rename(cfg.output, old)
-            os.rename(staging, cfg.output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, cfg.output)
+        publish_dir(staging, cfg.output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result.files = {
