@@ -478,6 +478,16 @@ def _cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_action(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "action",
+        help="run as the GitHub Action (reads GITHUB_* and INPUT_* from the environment)",
+        description="The GitHub Action entry point: maps the triggering event (release, tag push, workflow_dispatch, "
+        "pull_request, /hubconv comments) to a release run, writes step outputs, a job summary and annotations.",
+    )
+    p.set_defaults(func=lambda args: __import__("hubconv.action", fromlist=["run_action"]).run_action())
+
+
 def _add_adapters(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapters", help="list registered adapters", description="List registered adapters.")
     p.set_defaults(func=_cmd_adapters)
@@ -504,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub)
     _add_release(sub)
     _add_init(sub)
+    _add_action(sub)
     _add_adapters(sub)
     from hubconv.devhub.cli import add_parser as _add_devhub
 

@@ -1,0 +1,321 @@
+"""`hubconv action`: the GitHub Action entry point.
+
+Reads the runner's environment (inputs arrive as `INPUT_<NAME>`, upper-cased with hyphens kept, and
+`required:` is not enforced by the runner, so inputs are validated here), maps the triggering event
+to a release run, writes step outputs (`$GITHUB_OUTPUT`, multi-line safe), a job summary
+(`$GITHUB_STEP_SUMMARY`, under its 1 MiB cap), log groups and annotations, and reports back through
+the GitHub bot.
+
+Events: `release` (published / prereleased) and tag pushes publish the release named by the tag;
+`workflow_dispatch` publishes with its inputs; `pull_request` runs a dry run; an `issue_comment`
+starting with `/hubconv` on a pull request runs a dry run, and `/hubconv push` from a trusted
+author (OWNER, MEMBER, COLLABORATOR) publishes as a Hub PR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hubconv.errors import HubconvError
+
+INPUTS = (
+    "config",
+    "adapter",
+    "checkpoint",
+    "model-args",
+    "tokenizer",
+    "repo-id",
+    "hf-token",
+    "endpoint",
+    "revision",
+    "tag",
+    "create-pr",
+    "private",
+    "dtype",
+    "dry-run",
+    "prompt",
+    "max-new-tokens",
+    "github-token",
+    "comment",
+)
+TRUSTED = ("OWNER", "MEMBER", "COLLABORATOR")
+SUMMARY_LIMIT = 1024 * 1024 - 4096  # GitHub rejects step summaries over 1 MiB
+
+
+@dataclass
+class EventPlan:
+    kind: str  # release | tag | dispatch | pull_request | comment
+    dry_run: bool
+    create_pr: bool = False
+    tag: str | None = None
+    issue_number: int | None = None
+
+
+def read_inputs(env: Mapping[str, str]) -> dict[str, str | None]:
+    """`INPUT_REPO-ID` -> `repo-id`; empty values are None (how the runner passes unset inputs)."""
+    return {name: (env.get(f"INPUT_{name.upper()}") or "").strip() or None for name in INPUTS}
+
+
+def _flag(value: str | None, name: str, default: bool = False) -> bool:
+    if value is None:
+        return default
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise HubconvError(f"input `{name}` must be true or false, got {value!r}")
+
+
+def plan_event(event: str, payload: Mapping[str, Any], inputs: Mapping[str, str | None]) -> EventPlan | None:
+    """What to do for this event; None when it is not for us (e.g. an unrelated comment)."""
+    dry = _flag(inputs.get("dry-run"), "dry-run")
+    pr_mode = _flag(inputs.get("create-pr"), "create-pr")
+    if event == "release":
+        if payload.get("action") not in ("published", "prereleased", "released"):
+            return None
+        return EventPlan("release", dry, pr_mode, inputs.get("tag") or payload["release"]["tag_name"])
+    if event == "push":
+        ref = payload.get("ref", "")
+        if not ref.startswith("refs/tags/") or payload.get("deleted"):
+            return None
+        return EventPlan("tag", dry, pr_mode, inputs.get("tag") or ref.removeprefix("refs/tags/"))
+    if event == "workflow_dispatch":
+        return EventPlan("dispatch", dry, pr_mode, inputs.get("tag"))
+    if event == "pull_request":
+        return EventPlan("pull_request", True, issue_number=payload["pull_request"]["number"])
+    if event == "issue_comment":
+        body = (payload.get("comment") or {}).get("body", "").strip()
+        if payload.get("action") != "created" or "pull_request" not in payload.get("issue", {}):
+            return None
+        words = body.split()
+        if not words or words[0] != "/hubconv":
+            return None
+        number = payload["issue"]["number"]
+        if words[1:2] == ["push"]:
+            association = payload["comment"].get("author_association", "NONE")
+            if association not in TRUSTED:
+                raise HubconvError(
+                    f"/hubconv push needs a trusted author (one of {', '.join(TRUSTED)}); "
+                    f"{payload['comment']['user']['login']} is {association}"
+                )
+            return EventPlan("comment", False, True, inputs.get("tag"), number)
+        return EventPlan("comment", True, issue_number=number)
+    raise HubconvError(
+        f"event {event!r} is not supported (release, push of a tag, workflow_dispatch, pull_request, issue_comment)"
+    )
+
+
+def set_output(path: str | None, name: str, value: str) -> None:
+    """Append a step output; the random delimiter keeps multi-line values intact."""
+    if not path:
+        return
+    delimiter = f"hubconv_{uuid.uuid4().hex}"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{name}<<{delimiter}\n{value}\n{delimiter}\n")
+
+
+def write_summary(path: str | None, markdown: str) -> None:
+    if not path:
+        return
+    if len(markdown.encode()) > SUMMARY_LIMIT:
+        markdown = markdown.encode()[:SUMMARY_LIMIT].decode(errors="ignore") + "\n\n_(summary truncated)_\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(markdown)
+
+
+def _escape_property(value: str) -> str:
+    return value.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A").replace(":", "%3A").replace(",", "%2C")
+
+
+def _escape_data(value: str) -> str:
+    return value.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def annotate_error(e: HubconvError, workspace: str) -> None:
+    """`::error file=...,line=...::` for config errors, plain `::error::` otherwise."""
+    file, line = getattr(e, "file", None), getattr(e, "line", None)
+    if file:
+        rel = os.path.relpath(os.path.abspath(file), workspace)
+        where = f"file={_escape_property(rel)}" + (f",line={line}" if line else "")
+        detail = getattr(e, "detail", str(e))
+        print(f"::error {where}::{_escape_data(detail)}", flush=True)
+    else:
+        print(f"::error::{_escape_data(str(e))}", flush=True)
+
+
+def _config_args(inputs: Mapping[str, str | None], plan: EventPlan, workspace: str) -> argparse.Namespace:
+    """The inputs as `hubconv release` flags, so the action and the CLI share one config path."""
+    config = inputs.get("config") or (
+        ".hubconv.yml" if os.path.exists(os.path.join(workspace, ".hubconv.yml")) else None
+    )
+    prompt = inputs.get("prompt")
+    return argparse.Namespace(
+        config=os.path.join(workspace, config) if config else None,
+        adapter=inputs.get("adapter"),
+        checkpoint=inputs.get("checkpoint"),
+        model_args=inputs.get("model-args"),
+        dtype=inputs.get("dtype"),
+        max_shard_size=None,
+        output=None,
+        tokenizer=inputs.get("tokenizer"),
+        tokenizer_kind=None,
+        bos_token=None,
+        eos_token=None,
+        prompt=[prompt] if prompt else None,
+        expect=None,
+        max_new_tokens=int(inputs["max-new-tokens"]) if inputs.get("max-new-tokens") else None,
+        no_parity=False,
+        positions=None,
+        device=None,
+        repo_id=inputs.get("repo-id"),
+        private=True if _flag(inputs.get("private"), "private") else None,
+        create_pr=True if plan.create_pr else None,
+        revision=inputs.get("revision"),
+        endpoint=inputs.get("endpoint"),
+        license=None,
+        title=None,
+        description=None,
+        language=None,
+        base_model=None,
+    )
+
+
+def run_action(env: Mapping[str, str] | None = None) -> int:
+    """Run the action for the current event; returns the process exit code."""
+    env = dict(os.environ if env is None else env)
+    workspace = env.get("GITHUB_WORKSPACE") or os.getcwd()
+    try:
+        return _run(env, workspace)
+    except HubconvError as e:
+        annotate_error(e, workspace)
+        write_summary(env.get("GITHUB_STEP_SUMMARY"), f"### hubconv: ❌ failed\n\n{_escape_md(str(e))}\n")
+        return 1
+
+
+def _escape_md(text: str) -> str:
+    return text.replace("<", "&lt;")
+
+
+def _run(env: dict[str, str], workspace: str) -> int:
+    from hubconv.cli import release_config
+    from hubconv.hub import push
+    from hubconv.release import ReleaseFailed, run_release
+
+    inputs = read_inputs(env)
+    for secret in ("hf-token", "github-token"):
+        if inputs.get(secret):
+            print(f"::add-mask::{inputs[secret]}", flush=True)
+    event = env.get("GITHUB_EVENT_NAME", "")
+    with open(env["GITHUB_EVENT_PATH"], encoding="utf-8") as f:
+        payload = json.load(f)
+    plan = plan_event(event, payload, inputs)
+    if plan is None:
+        print(f"hubconv: nothing to do for this {event} event")
+        return 0
+    os.chdir(workspace)
+    cfg = release_config(_config_args(inputs, plan, workspace))
+    if not plan.dry_run:
+        cfg.require_hub()
+    report_path = os.path.join(env.get("RUNNER_TEMP") or workspace, "hubconv-report.md")
+    print("::group::hubconv release (convert, tokenizer, smoke test, model card)", flush=True)
+    try:
+        result = run_release(cfg, overwrite=True, progress=False, tag=plan.tag)
+    except ReleaseFailed as e:
+        print("::endgroup::", flush=True)
+        _finish(env, inputs, plan, e.report, report_path, "fail", None)
+        raise
+    print("::endgroup::", flush=True)
+    report = result.report_md
+    pushed = None
+    if not plan.dry_run:
+        print("::group::publish to the Hub", flush=True)
+        token = inputs.get("hf-token") or env.get("HF_TOKEN")
+        if not token:
+            raise HubconvError("input `hf-token` is required to publish (or set dry-run: true)")
+        pushed = push(
+            result.output,
+            cfg.hub.repo_id,
+            revision=cfg.hub.revision,
+            tag=plan.tag,
+            create_pr=cfg.hub.create_pr,
+            private=cfg.hub.private,
+            endpoint=cfg.hub.endpoint,
+            token=token,
+            report_md=report,
+        )
+        print("::endgroup::", flush=True)
+    _finish(env, inputs, plan, report, report_path, result.smoke_status, pushed, result.files)
+    return 0
+
+
+def _finish(
+    env: Mapping[str, str],
+    inputs: Mapping[str, str | None],
+    plan: EventPlan,
+    report: str,
+    report_path: str,
+    smoke_status: str,
+    pushed: Any,
+    files: Mapping[str, int] | None = None,
+) -> None:
+    """Outputs, job summary and the bot's comments."""
+    with open(report_path, "w", encoding="utf-8") as f:
+        f.write(report)
+    out = env.get("GITHUB_OUTPUT")
+    set_output(out, "smoke-status", smoke_status)
+    set_output(out, "report", report_path)
+    links = []
+    if pushed is not None:
+        for name, value in (
+            ("repo-url", pushed.repo_url),
+            ("commit-url", pushed.commit_url),
+            ("commit-sha", pushed.commit_sha),
+            ("hub-tag", pushed.tag or ""),
+            ("pr-url", pushed.pr_url or ""),
+            ("pr-number", str(pushed.pr_number or "")),
+        ):
+            set_output(out, name, value)
+        links.append(f"- Model: {pushed.repo_url}")
+        links.append(f"- Commit: {pushed.commit_url}" + (" (unchanged, no new commit)" if pushed.no_op else ""))
+        if pushed.pr_url:
+            links.append(f"- Hub PR: {pushed.pr_url}")
+        if pushed.tag:
+            links.append(f"- Tag: `{pushed.tag}`")
+    summary = [f"## hubconv: {plan.kind} ({'dry run' if plan.dry_run else 'publish'})", ""]
+    if links:
+        summary += [*links, ""]
+    if files:
+        summary += ["| file | bytes |", "| --- | --- |", *[f"| `{n}` | {s:,} |" for n, s in files.items()], ""]
+    summary.append(report)
+    write_summary(env.get("GITHUB_STEP_SUMMARY"), "\n".join(summary) + "\n")
+    _report_to_github(env, inputs, plan, report, "\n".join(links))
+
+
+def _report_to_github(
+    env: Mapping[str, str], inputs: Mapping[str, str | None], plan: EventPlan, report: str, links: str
+) -> None:
+    token = inputs.get("github-token")
+    if not token or not _flag(inputs.get("comment"), "comment", default=True):
+        return
+    from hubconv.github import Bot, GitHubContext
+
+    bot = Bot(GitHubContext(env.get("GITHUB_API_URL", "https://api.github.com"), env["GITHUB_REPOSITORY"], token))
+    if plan.issue_number is not None:
+        bot.upsert_comment(plan.issue_number, f"{links}\n\n{report}" if links else report)
+    elif plan.kind == "release" and links and plan.tag:
+        bot.append_release_links(plan.tag, links)
+
+
+def main() -> int:
+    return run_action()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

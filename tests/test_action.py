@@ -1,0 +1,178 @@
+"""`hubconv action` with real webhook payloads (@octokit/webhooks-examples) and a GitHub-like environment."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import types
+
+import pytest
+from huggingface_hub import constants
+from huggingface_hub.utils import _http as hf_http
+
+from hubconv.action import plan_event, read_inputs, run_action, set_output
+from hubconv.devhub import DevHub
+from hubconv.errors import HubconvError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "tiny-llama3-torchtitan")
+HOOKS = os.path.join(ROOT, "tests", "data", "webhooks")
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+
+def payload(name: str) -> dict:
+    with open(os.path.join(HOOKS, name)) as f:
+        return json.load(f)
+
+
+def pr_comment(body: str, association: str = "OWNER") -> dict:
+    p = copy.deepcopy(payload("issue_comment.created.json"))
+    p["issue"]["pull_request"] = {"url": p["issue"]["url"].replace("/issues/", "/pulls/")}
+    p["comment"]["body"] = body
+    p["comment"]["author_association"] = association
+    return p
+
+
+def parse_outputs(path: str) -> dict[str, str]:
+    out, lines = {}, open(path).read().splitlines()
+    i = 0
+    while i < len(lines):
+        name, delim = lines[i].split("<<", 1)
+        end = lines.index(delim, i + 1)
+        out[name] = "\n".join(lines[i + 1 : end])
+        i = end + 1
+    return out
+
+
+def test_events_map_to_runs() -> None:
+    inputs = read_inputs({"INPUT_TAG": "", "INPUT_DRY-RUN": "false"})
+    rel = plan_event("release", payload("release.published.json"), inputs)
+    assert rel.kind == "release" and rel.tag == payload("release.published.json")["release"]["tag_name"]
+    assert not rel.dry_run
+    assert plan_event("release", payload("release.prereleased.json"), inputs).kind == "release"
+    assert plan_event("push", payload("push.tag.json"), inputs).tag == "simple-tag"
+    assert plan_event("push", payload("push.branch.json"), inputs) is None
+    dispatch = plan_event("workflow_dispatch", payload("workflow_dispatch.json"), read_inputs({"INPUT_TAG": "v2"}))
+    assert dispatch.kind == "dispatch" and dispatch.tag == "v2"
+    pr = plan_event("pull_request", payload("pull_request.opened.json"), inputs)
+    assert pr.dry_run and pr.issue_number == payload("pull_request.opened.json")["pull_request"]["number"]
+    push_cmd = plan_event("issue_comment", pr_comment("/hubconv push"), inputs)
+    assert push_cmd.create_pr and not push_cmd.dry_run
+    assert plan_event("issue_comment", pr_comment("/hubconv"), inputs).dry_run
+    assert plan_event("issue_comment", pr_comment("looks good"), inputs) is None
+    assert plan_event("issue_comment", payload("issue_comment.created.json"), inputs) is None  # not on a PR
+    with pytest.raises(HubconvError, match=r"needs a trusted author .* is NONE"):
+        plan_event("issue_comment", pr_comment("/hubconv push", "NONE"), inputs)
+    with pytest.raises(HubconvError, match="input `dry-run` must be true or false"):
+        plan_event("workflow_dispatch", {}, read_inputs({"INPUT_DRY-RUN": "maybe"}))
+
+
+def test_multiline_outputs_survive(tmp_path) -> None:
+    path = str(tmp_path / "out")
+    set_output(path, "report", "line 1\nline 2\nEOF\n<<")
+    set_output(path, "smoke-status", "pass")
+    assert parse_outputs(path) == {"report": "line 1\nline 2\nEOF\n<<", "smoke-status": "pass"}
+
+
+@pytest.fixture
+def workspace(tmp_path) -> str:
+    ws = tmp_path / "ws"
+    shutil.copytree(EXAMPLE, ws / "model", ignore=shutil.ignore_patterns(".hubconv.yml", "corpus*"))
+    (ws / ".hubconv.yml").write_text(
+        "adapter: torchtitan\ncheckpoint: model/step-800\nmodel_args: model/model_args.yaml\n"
+        "tokenizer: {path: model/tokenizer/tokenizer.model}\noutput: dist/release\n"
+        "hub: {repo_id: org/tiny}\ncard: {license: apache-2.0}\n"
+        "smoke: {prompts: [{prompt: A class definition, expect: executable}], max_new_tokens: 8}\n"
+    )
+    return str(ws)
+
+
+def github_env(tmp_path, workspace: str, event: str, body: dict, **inputs: str) -> dict[str, str]:
+    event_path = tmp_path / "event.json"
+    event_path.write_text(json.dumps(body))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INPUT_", "GITHUB_"))}
+    env |= {
+        "GITHUB_ACTIONS": "true",
+        "GITHUB_EVENT_NAME": event,
+        "GITHUB_EVENT_PATH": str(event_path),
+        "GITHUB_WORKSPACE": workspace,
+        "GITHUB_REPOSITORY": "octo/model",
+        "GITHUB_SHA": "0" * 40,
+        "GITHUB_SERVER_URL": "https://github.com",
+        "GITHUB_OUTPUT": str(tmp_path / "output"),
+        "GITHUB_STEP_SUMMARY": str(tmp_path / "summary"),
+        "RUNNER_TEMP": str(tmp_path),
+    }
+    env |= {f"INPUT_{k.upper().replace('_', '-')}": v for k, v in inputs.items()}
+    return env
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_http, "time", types.SimpleNamespace(sleep=lambda s: None))
+    cwd = os.getcwd()
+    with DevHub(str(tmp_path / "hubdata"), orgs=("org",)) as server:
+        yield server
+    os.chdir(cwd)
+
+
+def test_release_published_publishes_and_reports(tmp_path, workspace, hub, capsys) -> None:
+    body = payload("release.published.json")
+    env = github_env(tmp_path, workspace, "release", body, endpoint=hub.url, hf_token=hub.token)
+    assert run_action(env) == 0
+    out = parse_outputs(env["GITHUB_OUTPUT"])
+    tag = body["release"]["tag_name"]
+    assert out["hub-tag"] == tag and hub.head("org/tiny", tag) == out["commit-sha"]
+    assert out["smoke-status"] == "pass" and out["commit-url"].endswith(out["commit-sha"])
+    assert "parity" in open(out["report"]).read()
+    summary = open(env["GITHUB_STEP_SUMMARY"]).read()
+    assert out["repo-url"] in summary and "model.safetensors" in summary
+    printed = capsys.readouterr().out
+    assert f"::add-mask::{hub.token}" in printed and printed.count(hub.token) == 1
+    assert "::group::hubconv release" in printed and "::endgroup::" in printed
+
+
+def test_pull_request_runs_a_dry_run(tmp_path, workspace, hub) -> None:
+    env = github_env(tmp_path, workspace, "pull_request", payload("pull_request.opened.json"))
+    assert run_action(env) == 0
+    out = parse_outputs(env["GITHUB_OUTPUT"])
+    assert out["smoke-status"] == "pass" and "commit-sha" not in out
+    assert hub.head("org/tiny") is None  # nothing published
+
+
+def test_trusted_push_comment_opens_a_hub_pr(tmp_path, workspace, hub) -> None:
+    env = github_env(
+        tmp_path,
+        workspace,
+        "issue_comment",
+        pr_comment("/hubconv push"),
+        endpoint=hub.url,
+        hf_token=hub.token,
+        tag="v0.1",
+    )
+    assert run_action(env) == 0
+    out = parse_outputs(env["GITHUB_OUTPUT"])
+    assert out["pr-number"] and hub.head("org/tiny", f"refs/pr/{out['pr-number']}") == out["commit-sha"]
+    assert hub.head("org/tiny", "main") != out["commit-sha"]
+
+
+def test_config_errors_become_annotations(tmp_path, workspace, hub, capsys) -> None:
+    with open(os.path.join(workspace, ".hubconv.yml"), "a") as f:
+        f.write("smoke_test: true\n")
+    env = github_env(tmp_path, workspace, "workflow_dispatch", payload("workflow_dispatch.json"), dry_run="true")
+    assert run_action(env) == 1
+    printed = capsys.readouterr().out
+    assert "::error file=.hubconv.yml,line=9::smoke_test: unknown field" in printed
+    assert "failed" in open(env["GITHUB_STEP_SUMMARY"]).read()
+
+
+def test_publishing_without_a_token_is_a_clear_error(tmp_path, workspace, hub, capsys) -> None:
+    env = github_env(tmp_path, workspace, "push", payload("push.tag.json"), endpoint=hub.url)
+    env.pop("HF_TOKEN", None)
+    assert run_action(env) == 1
+    assert "::error::input `hf-token` is required to publish" in capsys.readouterr().out
+    assert hub.head("org/tiny") is None
