@@ -25,6 +25,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check hubconv tests benchmarks
+	$(BIN)/actionlint .github/workflows/*.yml examples/workflows/*.yml
 	$(BIN)/python -m pytest -q
 
 lint: setup

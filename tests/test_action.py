@@ -176,3 +176,32 @@ def test_publishing_without_a_token_is_a_clear_error(tmp_path, workspace, hub, c
     assert run_action(env) == 1
     assert "::error::input `hf-token` is required to publish" in capsys.readouterr().out
     assert hub.head("org/tiny") is None
+
+
+def test_bot_reports_on_pr_once_and_on_release_notes(tmp_path, workspace, hub) -> None:
+    """The action's bot, through PyGithub, against a loopback GitHub REST server."""
+    from tests.ghserver import FakeGitHub
+
+    with FakeGitHub() as gh:
+        pr = payload("pull_request.opened.json")
+        number = pr["pull_request"]["number"]
+        for _ in range(2):
+            env = github_env(tmp_path, workspace, "pull_request", pr, github_token=gh.token)
+            env |= {"GITHUB_API_URL": gh.api_url, "GITHUB_REPOSITORY": "acme/models"}
+            assert run_action(env) == 0
+        comments = gh.comments[number]
+        assert len(comments) == 1 and "parity" in comments[0]["body"]  # the second run edited it
+        assert len(gh.calls("PATCH")) == 1
+
+        body = payload("release.prereleased.json")
+        tag = body["release"]["tag_name"]
+        gh.add_release(tag, body="Notes from the maintainers.", draft=False, prerelease=True)
+        env = github_env(
+            tmp_path, workspace, "release", body, endpoint=hub.url, hf_token=hub.token, github_token=gh.token
+        )
+        env |= {"GITHUB_API_URL": gh.api_url, "GITHUB_REPOSITORY": "acme/models"}
+        assert run_action(env) == 0
+        release = next(r for r in gh.releases if r["tag_name"] == tag)
+        assert release["body"].startswith("Notes from the maintainers.") and "/org/tiny" in release["body"]
+        assert release["prerelease"] is True and release["draft"] is False
+        assert gh.token not in open(env["GITHUB_STEP_SUMMARY"]).read()
