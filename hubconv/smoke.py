@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hubconv import __version__
+from hubconv.checks import Check
 from hubconv.config import Prompt
 from hubconv.errors import HubconvError
 
@@ -29,13 +30,6 @@ THRESHOLDS = {
     "float32": {"max_abs_diff": 1e-3, "kl_divergence": 1e-6, "top1_agreement": 1.0},
     "half": {"max_abs_diff": float("inf"), "kl_divergence": 2e-2, "top1_agreement": 0.9},
 }
-
-
-@dataclass
-class Check:
-    name: str
-    status: str  # pass | warn | fail
-    detail: str
 
 
 @dataclass
@@ -94,12 +88,24 @@ def _pick_dtype(model_dir: str, dtype: str, device: str) -> str:
     )
     scale = 4 / (2 if stored in ("bfloat16", "float16") else 4)
     if device == "cpu":
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        avail = _mem_available()
     else:
         import torch
 
         avail = torch.cuda.mem_get_info()[0]
     return "float32" if weight_bytes * scale < 0.4 * avail else stored
+
+
+def _mem_available() -> int:
+    """MemAvailable (free memory plus reclaimable page cache) in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _parity_tokens(vocab: int, positions: int):

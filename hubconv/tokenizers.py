@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hubconv.checks import Check
 from hubconv.errors import HubconvError
 
 if TYPE_CHECKING:
@@ -121,15 +122,6 @@ DEFAULT_SAMPLES: tuple[str, ...] = (
 
 class TokenizerError(HubconvError):
     """The tokenizer source is missing, unsafe or malformed, or cannot be converted."""
-
-
-@dataclass
-class Check:
-    """One line of the release report."""
-
-    name: str
-    status: str  # "pass" | "warn" | "fail"
-    detail: str
 
 
 @dataclass
