@@ -94,6 +94,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from hubconv.tokenizers import LLAMA3_PAT_STR, llama3_special_tokens  # noqa: E402
 from tests.native import torchtitan_llama3 as tt  # noqa: E402
 
 DEFAULT_OUT = REPO / "examples" / "tiny-llama3-torchtitan"
@@ -102,23 +103,9 @@ PY_VERSION = sys.version.split()[0]
 # ----------------------------------------------------------------------------- config
 
 #: Meta Llama 3's pre-tokenizer regex (``llama/tokenizer.py``, ``Tokenizer.pat_str``).
-PAT_STR = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+PAT_STR = LLAMA3_PAT_STR
 #: The first ten Llama 3 special tokens, in Llama 3's order.
-SPECIAL_TOKENS = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|reserved_special_token_2|>",
-    "<|reserved_special_token_3|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|reserved_special_token_4|>",
-    "<|eot_id|>",
-]
+SPECIAL_TOKENS = list(llama3_special_tokens())[:10]
 NUM_BPE_TOKENS = 512  # 256 byte tokens + 256 merges
 BOS_ID = NUM_BPE_TOKENS + SPECIAL_TOKENS.index("<|begin_of_text|>")
 EOS_ID = NUM_BPE_TOKENS + SPECIAL_TOKENS.index("<|end_of_text|>")

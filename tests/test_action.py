@@ -6,11 +6,8 @@ import copy
 import json
 import os
 import shutil
-import types
 
 import pytest
-from huggingface_hub import constants
-from huggingface_hub.utils import _http as hf_http
 
 from hubconv.action import plan_event, read_inputs, run_action, set_output
 from hubconv.devhub import DevHub
@@ -110,10 +107,7 @@ def github_env(tmp_path, workspace: str, event: str, body: dict, **inputs: str) 
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_http, "time", types.SimpleNamespace(sleep=lambda s: None))
+def hub(tmp_path, loopback_hub_client):
     cwd = os.getcwd()
     with DevHub(str(tmp_path / "hubdata"), orgs=("org",)) as server:
         yield server

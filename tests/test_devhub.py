@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 
 import httpx2
 import pytest
@@ -24,7 +23,6 @@ from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
     HfApi,
-    constants,
     get_hf_file_metadata,
     hf_hub_download,
     hf_hub_url,
@@ -37,28 +35,17 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import _http as hf_http
 from huggingface_hub.utils import get_session
-from huggingface_hub.utils._runtime import is_xet_available
 
 from hubconv.devhub import DevHub
 from hubconv.devhub.storage import canonical_json, git_blob_sha1
 
 BIG = 10_500_000  # > 10 MB: must go through LFS
 # lfs.py streams file objects with `data=` (httpx2 deprecates that in favour of `content=`): client-side noise.
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _client_env(monkeypatch):
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    # http_backoff sleeps 1, 2, 4, 8, 8 s between retries: make retries instant (only huggingface_hub's view of
-    # `time` is replaced, the server's latency injection still uses the real time.sleep).
-    monkeypatch.setattr(hf_http, "time", types.SimpleNamespace(sleep=lambda s: None))
-    assert not is_xet_available()
+pytestmark = [
+    pytest.mark.usefixtures("loopback_hub_client"),
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
+]
 
 
 @pytest.fixture(scope="module")

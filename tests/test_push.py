@@ -7,11 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 
 import pytest
-from huggingface_hub import constants
-from huggingface_hub.utils import _http as hf_http
 
 from hubconv.devhub import DevHub
 from hubconv.errors import HubconvError
@@ -20,17 +17,10 @@ from hubconv.verify import verify_download
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "tiny-llama3-torchtitan")
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _client_env(monkeypatch):
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(hf_http, "time", types.SimpleNamespace(sleep=lambda s: None))
-    monkeypatch.setattr("hubconv.hub.time", types.SimpleNamespace(sleep=lambda s: None))
+pytestmark = [
+    pytest.mark.usefixtures("loopback_hub_client"),
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
+]
 
 
 @pytest.fixture(scope="module")
