@@ -223,16 +223,17 @@ def _run(env: dict[str, str], workspace: str) -> int:
     cfg = release_config(_config_args(inputs, plan, workspace))
     if not plan.dry_run:
         cfg.require_hub()
-    report_path = os.path.join(env.get("RUNNER_TEMP") or workspace, "hubconv-report.md")
     print("::group::hubconv release (convert, tokenizer, smoke test, model card)", flush=True)
     try:
         result = run_release(cfg, overwrite=True, progress=False, tag=plan.tag)
     except ReleaseFailed as e:
         print("::endgroup::", flush=True)
-        _finish(env, inputs, plan, e.report, report_path, "fail", None)
+        _write_report(env, workspace, e.report, "fail")
+        _finish(env, inputs, plan, e.report, None)
         raise
     print("::endgroup::", flush=True)
     report = result.report_md
+    _write_report(env, workspace, report, result.smoke_status)  # before publishing: kept if the push fails
     pushed = None
     if not plan.dry_run:
         print("::group::publish to the Hub", flush=True)
@@ -251,8 +252,23 @@ def _run(env: dict[str, str], workspace: str) -> int:
             report_md=report,
         )
         print("::endgroup::", flush=True)
-    _finish(env, inputs, plan, report, report_path, result.smoke_status, pushed, result.files)
+    _finish(env, inputs, plan, report, pushed, result.files)
     return 0
+
+
+REPORT_FILE = os.path.join(".hubconv", "report.md")
+
+
+def _write_report(env: Mapping[str, str], workspace: str, report: str, smoke_status: str) -> None:
+    """The report goes into the workspace and its output is relative to it: a Docker action's paths
+    (`/github/workspace`, `RUNNER_TEMP`) do not exist on the runner, but the workspace is shared and is
+    the working directory on both sides."""
+    path = os.path.join(workspace, REPORT_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(report)
+    set_output(env.get("GITHUB_OUTPUT"), "smoke-status", smoke_status)
+    set_output(env.get("GITHUB_OUTPUT"), "report", REPORT_FILE)
 
 
 def _finish(
@@ -260,17 +276,11 @@ def _finish(
     inputs: Mapping[str, str | None],
     plan: EventPlan,
     report: str,
-    report_path: str,
-    smoke_status: str,
     pushed: Any,
     files: Mapping[str, int] | None = None,
 ) -> None:
-    """Outputs, job summary and the bot's comments."""
-    with open(report_path, "w", encoding="utf-8") as f:
-        f.write(report)
+    """Hub outputs, job summary and the bot's comments."""
     out = env.get("GITHUB_OUTPUT")
-    set_output(out, "smoke-status", smoke_status)
-    set_output(out, "report", report_path)
     links = []
     if pushed is not None:
         for name, value in (
