@@ -1,24 +1,42 @@
-# hubconv GitHub Action image. CPU torch by default; GPU runners can pass another TORCH_INDEX.
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-FROM ${PYTHON_IMAGE}
+# hubconv GitHub Action image (runs as root; `runs.image: Dockerfile` in action.yml builds it on the runner).
+#
+# BASE_IMAGE: any Debian-like image with Python 3.11 and pip (default the official slim image; local builds
+# without a registry use a debootstrapped Debian bookworm with python3 + python3-pip, see scripts/verify-image.sh).
+# TORCH_SPEC: pip arguments that install torch first. The default pulls the CPU build from the PyTorch CPU index
+# (a few hundred MB instead of GBs of CUDA wheels); offline / mirrored builds pass e.g.
+#   --build-arg TORCH_SPEC="torch==2.13.0+cpu --find-links /wheels"   (with the wheel folder mounted there).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 
+# PIP_BREAK_SYSTEM_PACKAGES: a Debian base's python3 is "externally managed" (PEP 668); this image is single-purpose,
+# so pip installs into the system interpreter (-> /usr/local/bin/hubconv on both kinds of base).
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HUB_DISABLE_TELEMETRY=1
 
+# git: release provenance (commit / tag) when the workspace is a checkout. ca-certificates only when the base lacks
+# it (both default bases have it; upgrading it in place would fail when a build mounts its own CA bundle over
+# /etc/ssl/certs/ca-certificates.crt, as offline / proxied builds do).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git git-lfs ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends git \
+        $(dpkg-query -W -f='${Status}' ca-certificates 2>/dev/null | grep -q 'ok installed' || echo ca-certificates) \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 
-COPY pyproject.toml README.md /opt/hubconv/
-COPY hubconv /opt/hubconv/hubconv
-RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
-    && pip install /opt/hubconv \
-    && hubconv --version
+COPY pyproject.toml README.md /tmp/hubconv-src/
+COPY hubconv /tmp/hubconv-src/hubconv
+# torch first (so the CPU build satisfies the package's torch requirement), then hubconv with the dependency
+# ranges of its pyproject.toml; the sources and pip's build leftovers are removed in the same layer.
+RUN python3 -m pip install ${TORCH_SPEC} \
+    && python3 -m pip install /tmp/hubconv-src \
+    && rm -rf /tmp/hubconv-src /root/.cache \
+    && /usr/local/bin/hubconv --version \
+    && python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 ENTRYPOINT ["/usr/local/bin/hubconv", "action"]
