@@ -14,6 +14,7 @@ from hubconv.devhub import DevHub
 from hubconv.errors import HubconvError
 from hubconv.hub import REPORT_MARKER, push
 from hubconv.verify import verify_download
+from tests.test_release import EXAMPLE_SOURCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "tiny-llama3-torchtitan")
@@ -230,12 +231,7 @@ def test_stream_upload_keeps_two_shards_on_disk(tmp_path) -> None:
             "-m",
             "hubconv",
             "convert",
-            "--adapter",
-            "torchtitan",
-            "--checkpoint",
-            os.path.join(EXAMPLE, "step-800"),
-            "--model-args",
-            os.path.join(EXAMPLE, "model_args.yaml"),
+            *EXAMPLE_SOURCE,
             "--output",
             str(local),
             "--max-shard-size",

@@ -12,6 +12,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "tiny-llama3-torchtitan")
+# The bundled example as conversion flags (adapter, checkpoint, model args).
+EXAMPLE_SOURCE = [
+    "--adapter", "torchtitan",
+    "--checkpoint", os.path.join(EXAMPLE, "step-800"),
+    "--model-args", os.path.join(EXAMPLE, "model_args.yaml"),
+]  # fmt: skip
 
 
 def hubconv(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
@@ -91,12 +97,7 @@ def test_flags_alone_without_config(tmp_path) -> None:
     r = hubconv(
         "release",
         "--dry-run",
-        "--adapter",
-        "torchtitan",
-        "--checkpoint",
-        os.path.join(EXAMPLE, "step-800"),
-        "--model-args",
-        os.path.join(EXAMPLE, "model_args.yaml"),
+        *EXAMPLE_SOURCE,
         "--output",
         out,
         "--no-parity",
@@ -126,12 +127,7 @@ def test_convert_with_tokenizer(tmp_path) -> None:
     out = str(tmp_path / "hf")
     r = hubconv(
         "convert",
-        "--adapter",
-        "torchtitan",
-        "--checkpoint",
-        os.path.join(EXAMPLE, "step-800"),
-        "--model-args",
-        os.path.join(EXAMPLE, "model_args.yaml"),
+        *EXAMPLE_SOURCE,
         "--output",
         out,
         "--quiet",
