@@ -223,6 +223,18 @@ def _run(env: dict[str, str], workspace: str) -> int:
     cfg = release_config(_config_args(inputs, plan, workspace))
     if not plan.dry_run:
         cfg.require_hub()
+    if cfg.checkpoint and (cfg.checkpoint.startswith("release-assets:") or "://" in cfg.checkpoint):
+        from hubconv.github import GitHubContext
+        from hubconv.sources import resolve_checkpoint
+
+        github = None
+        if inputs.get("github-token"):
+            api_url = env.get("GITHUB_API_URL", "https://api.github.com")
+            github = GitHubContext(api_url, env["GITHUB_REPOSITORY"], inputs["github-token"])
+        print("::group::fetch the checkpoint", flush=True)
+        cfg.checkpoint = resolve_checkpoint(cfg.checkpoint, workspace, github=github, tag=plan.tag, progress=False)
+        print(f"checkpoint: {cfg.checkpoint}", flush=True)
+        print("::endgroup::", flush=True)
     print("::group::hubconv release (convert, tokenizer, smoke test, model card)", flush=True)
     try:
         result = run_release(cfg, overwrite=True, progress=False, tag=plan.tag)

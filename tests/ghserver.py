@@ -5,6 +5,11 @@ parses: ``id``, ``node_id``, ``url``, ``html_url``, ``body``, ``user{login,id,ty
 ``name``, ``tag_name``, ...). Every request is recorded for assertions. Supports a GitHub Enterprise style base path
 (``/api/v3``), Link-header pagination, and one-shot fault injection (502, 403 rate limit).
 
+Release assets: ``add_release(..., assets=[(name, bytes)])`` or ``add_asset(tag, name, data)``;
+``GET /repos/{o}/{r}/releases/{id}/assets`` (paginated) and ``GET /repos/{o}/{r}/releases/assets/{id}`` (JSON, or with
+``Accept: application/octet-stream`` a 302 to a second loopback "storage" server on another port, which serves the
+bytes with ``Range`` support and answers 400 to any request carrying an ``Authorization`` header, like S3 does).
+
 Behaviour copied from github.com that matters to the bot:
 - ``GET /repos/{o}/{r}/releases/tags/{tag}`` only finds *published* releases (drafts → 404), drafts are only visible
   through ``GET /repos/{o}/{r}/releases``;
@@ -36,6 +41,8 @@ class Request:
     body: Any  # decoded JSON body, or None
     auth_ok: bool
     authorization: str | None = field(default=None, repr=False)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # lower-cased names
+    storage: bool = False  # served by the storage server (asset bytes), not the API
 
 
 @dataclass
@@ -70,11 +77,13 @@ class FakeGitHub:
         self.requests: list[Request] = []
         self.comments: dict[int, list[dict[str, Any]]] = {}
         self.releases: list[dict[str, Any]] = []
+        self.asset_data: dict[int, bytes] = {}
         self._faults: list[_Fault] = []
         self._ids = 1000
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._storage_server: ThreadingHTTPServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> FakeGitHub:
@@ -85,6 +94,12 @@ class FakeGitHub:
             target=self._server.serve_forever, args=(0.02,), name="fake-github", daemon=True
         )
         self._thread.start()
+        storage_handler = type("_StorageHandler", (_Handler,), {"gh": self, "storage": True})
+        self._storage_server = ThreadingHTTPServer(("127.0.0.1", 0), storage_handler)
+        self._storage_server.daemon_threads = True
+        threading.Thread(
+            target=self._storage_server.serve_forever, args=(0.02,), name="fake-github-storage", daemon=True
+        ).start()
         return self
 
     def stop(self) -> None:
@@ -92,6 +107,10 @@ class FakeGitHub:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._storage_server is not None:
+            self._storage_server.shutdown()
+            self._storage_server.server_close()
+            self._storage_server = None
 
     def __enter__(self) -> FakeGitHub:
         return self.start()
@@ -107,6 +126,11 @@ class FakeGitHub:
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}{self.prefix}"
+
+    @property
+    def storage_url(self) -> str:
+        assert self._storage_server is not None, "server not started"
+        return f"http://127.0.0.1:{self._storage_server.server_address[1]}"
 
     @property
     def full_name(self) -> str:
@@ -161,6 +185,7 @@ class FakeGitHub:
         name: str | None = None,
         draft: bool = False,
         prerelease: bool = False,
+        assets: list[tuple[str, bytes]] | None = None,
     ) -> dict[str, Any]:
         with self._lock:
             rid = self._next_id()
@@ -187,7 +212,41 @@ class FakeGitHub:
                 "assets": [],
             }
             self.releases.append(release)
-            return release
+        for asset_name, data in assets or []:
+            self.add_asset(tag, asset_name, data)
+        return release
+
+    def add_asset(self, tag: str, name: str, data: bytes, *, digest: str | None = None) -> dict[str, Any]:
+        """Attach an asset to the release with ``tag`` (drafts included). ``digest`` is the asset's
+        ``"sha256:<hex>"`` field (GitHub's, computed on upload); None leaves it null like older assets."""
+        with self._lock:
+            release = next(r for r in self.releases if r["tag_name"] == tag)
+            aid = self._next_id()
+            base = f"{self.api_url}/repos/{self.full_name}"
+            asset = {
+                "id": aid,
+                "node_id": f"RA_{aid}",
+                "url": f"{base}/releases/assets/{aid}",
+                "browser_download_url": f"{HTML_ROOT}/{self.full_name}/releases/download/{tag}/{name}",
+                "name": name,
+                "label": "",
+                "state": "uploaded",
+                "content_type": "application/octet-stream",
+                "size": len(data),
+                "digest": digest,
+                "download_count": 0,
+                "created_at": _now(),
+                "updated_at": _now(),
+                "uploader": self._user(self.login),
+            }
+            release["assets"].append(asset)
+            self.asset_data[aid] = data
+            return asset
+
+    def set_asset_data(self, asset_id: int, data: bytes) -> None:
+        """Change the stored bytes (not the metadata): simulates a tampered/corrupted download."""
+        with self._lock:
+            self.asset_data[asset_id] = data
 
     def inject(
         self, kind: str, *, method: str = "GET", route: str = ".*", times: int = 1, retry_after: str | None = "0"
@@ -213,7 +272,11 @@ class FakeGitHub:
         scheme, _, value = header.partition(" ")
         return scheme.lower() in ("token", "bearer") and value.strip() == self.token
 
-    def handle(self, method: str, raw_path: str, headers: dict[str, str], raw_body: bytes) -> _Response:
+    def handle(
+        self, method: str, raw_path: str, headers: dict[str, str], raw_body: bytes, storage: bool = False
+    ) -> _Response:
+        if storage:
+            return self._storage(method, raw_path, headers)
         parsed = urllib.parse.urlsplit(raw_path)
         path = parsed.path
         query = dict(urllib.parse.parse_qsl(parsed.query))
@@ -226,7 +289,7 @@ class FakeGitHub:
         in_prefix = path == self.prefix or path.startswith(self.prefix + "/")
         route = path[len(self.prefix) :] if in_prefix else path
         with self._lock:
-            self.requests.append(Request(method, path, route, query, body, auth_ok, authorization))
+            self.requests.append(Request(method, path, route, query, body, auth_ok, authorization, dict(headers)))
             for fault in self._faults:
                 if fault.method == method and fault.route_re.fullmatch(route):
                     self._faults.remove(fault)
@@ -235,7 +298,33 @@ class FakeGitHub:
                 return _json(404, {"message": "Not Found"})
             if not auth_ok:
                 return _json(401, {"message": "Bad credentials", "documentation_url": "https://docs.github.com/rest"})
-            return self._route(method, route, query, body)
+            return self._route(method, route, query, body, headers)
+
+    def _storage(self, method: str, raw_path: str, headers: dict[str, str]) -> _Response:
+        parsed = urllib.parse.urlsplit(raw_path)
+        query = dict(urllib.parse.parse_qsl(parsed.query))
+        authorization = headers.get("authorization")
+        with self._lock:
+            self.requests.append(
+                Request(method, parsed.path, parsed.path, query, None, False, authorization, dict(headers), True)
+            )
+            if authorization:  # like S3: a presigned URL plus an Authorization header is rejected
+                return _Response(400, b"<Error>Only one auth mechanism allowed</Error>", {"Content-Type": "text/xml"})
+            m = re.fullmatch(r"/storage/(\d+)", parsed.path)
+            if method != "GET" or not m or int(m.group(1)) not in self.asset_data or query.get("sig") != "ok":
+                return _Response(404, b"Not Found", {"Content-Type": "text/plain"})
+            data = self.asset_data[int(m.group(1))]
+        octet = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+        rng = headers.get("range")
+        if not rng:
+            return _Response(200, data, octet)
+        mr = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
+        if not mr or int(mr.group(1)) >= len(data):
+            return _Response(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+        start = int(mr.group(1))
+        end = min(int(mr.group(2)), len(data) - 1) if mr.group(2) else len(data) - 1
+        octet["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        return _Response(206, data[start : end + 1], octet)
 
     def _fault_response(self, fault: _Fault) -> _Response:
         if fault.kind == "502":
@@ -257,7 +346,9 @@ class FakeGitHub:
             headers,
         )
 
-    def _route(self, method: str, route: str, query: dict[str, str], body: Any) -> _Response:
+    def _route(
+        self, method: str, route: str, query: dict[str, str], body: Any, headers: dict[str, str] | None = None
+    ) -> _Response:
         if method == "GET" and route == "/user":
             if self.installation_token:
                 return _json(403, {"message": "Resource not accessible by integration"})
@@ -335,6 +426,20 @@ class FakeGitHub:
             tag = urllib.parse.unquote(mm.group(1))
             found = next((r for r in self.releases if r["tag_name"] == tag and not r["draft"]), None)
             return _json(200, found) if found else _json(404, {"message": "Not Found"})
+        if method == "GET" and (mm := re.fullmatch(r"/releases/(\d+)/assets", rest)):
+            release = next((r for r in self.releases if r["id"] == int(mm.group(1))), None)
+            if release is None:
+                return _json(404, {"message": "Not Found"})
+            return self._paginated(f"{base}/releases/{release['id']}/assets", list(release["assets"]), query)
+        if method == "GET" and (mm := re.fullmatch(r"/releases/assets/(\d+)", rest)):
+            aid = int(mm.group(1))
+            asset = next((a for r in self.releases for a in r["assets"] if a["id"] == aid), None)
+            if asset is None:
+                return _json(404, {"message": "Not Found"})
+            if (headers or {}).get("accept", "").strip().lower() == "application/octet-stream":
+                location = f"{self.storage_url}/storage/{aid}?sig=ok"
+                return _Response(302, b"", {"Location": location, "Content-Type": "text/plain"})
+            return _json(200, asset)
         if mm := re.fullmatch(r"/releases/(\d+)", rest):
             rid = int(mm.group(1))
             release = next((r for r in self.releases if r["id"] == rid), None)
@@ -392,6 +497,7 @@ def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> _
 
 class _Handler(BaseHTTPRequestHandler):
     gh: FakeGitHub
+    storage: bool = False
     protocol_version = "HTTP/1.1"
     wbufsize = -1  # one write per response (headers + body): avoids Nagle/delayed-ACK stalls on keep-alive
 
@@ -399,7 +505,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
-        resp = self.gh.handle(self.command, self.path, headers, raw)
+        resp = self.gh.handle(self.command, self.path, headers, raw, self.storage)
         self.send_response(resp.status)
         for k, v in resp.headers.items():
             self.send_header(k, v)

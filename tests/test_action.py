@@ -200,3 +200,38 @@ def test_bot_reports_on_pr_once_and_on_release_notes(tmp_path, workspace, hub) -
         assert release["body"].startswith("Notes from the maintainers.") and "/org/tiny" in release["body"]
         assert release["prerelease"] is True and release["draft"] is False
         assert gh.token not in open(env["GITHUB_STEP_SUMMARY"]).read()
+
+
+def test_checkpoint_from_release_assets(tmp_path, workspace, hub) -> None:
+    """`checkpoint: release-assets:`: the DCP files attached to the triggering release are downloaded
+    (sha256 from the release notes checked) and converted."""
+    import hashlib
+
+    from tests.ghserver import FakeGitHub
+
+    step = os.path.join(workspace, "model", "step-800")
+    files = [(name, open(os.path.join(step, name), "rb").read()) for name in sorted(os.listdir(step))]
+    shutil.rmtree(step)  # only the release has the checkpoint now
+    config = os.path.join(workspace, ".hubconv.yml")
+    text = open(config).read().replace("checkpoint: model/step-800", 'checkpoint: "release-assets:"')
+    open(config, "w").write(text)
+    body = payload("release.published.json")
+    tag = body["release"]["tag_name"]
+    sums = "\n".join(f"{hashlib.sha256(data).hexdigest()}  {name}" for name, data in files)
+    with FakeGitHub() as gh:
+        gh.add_release(tag, body=f"Weights attached.\n\n```\n{sums}\n```\n", assets=files)
+        env = github_env(
+            tmp_path,
+            workspace,
+            "release",
+            body,
+            endpoint=hub.url,
+            hf_token=hub.token,
+            github_token=gh.token,
+            comment="false",
+        )
+        env |= {"GITHUB_API_URL": gh.api_url, "GITHUB_REPOSITORY": "acme/models"}
+        assert run_action(env) == 0
+        assert not [r for r in gh.requests if r.storage and "authorization" in {k.lower() for k in r.headers}]
+    out = parse_outputs(env["GITHUB_OUTPUT"])
+    assert out["smoke-status"] == "pass" and hub.head("org/tiny", tag) == out["commit-sha"]

@@ -1,0 +1,303 @@
+"""Resolve the action's ``checkpoint`` input to a local path.
+
+- a plain path (relative to the workspace);
+- ``release-assets:`` / ``release-assets:PATTERN``: the assets of the triggering GitHub release (fnmatch filter),
+  downloaded through the asset API with resume (HTTP ``Range``), size and sha256 verification;
+- a URL (``s3://``, ``gs://``, ``hf://``, ``https://``, ``file://``...): copied with fsspec when it is installed.
+
+The GitHub token is only sent in an ``Authorization`` header, to the API host; it never appears in URLs, log records
+or messages, and it is dropped when a download is redirected to another origin (GitHub's storage host).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+import re
+import urllib.parse
+
+import requests
+from github import GithubException
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from hubconv.errors import CheckpointError
+from hubconv.github import Bot, GitHubContext, GitHubError
+
+log = logging.getLogger(__name__)
+
+RELEASE_ASSETS = "release-assets:"
+CHUNK = 1 << 20
+MAX_REDIRECTS = 5
+_URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_SHA_LINE = re.compile(r"^\s*([0-9a-fA-F]{64})\s[ *]?(\S.*?)\s*$")
+_FSSPEC_EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub"}
+
+
+def resolve_checkpoint(
+    spec: str,
+    workspace: str,
+    *,
+    github: GitHubContext | None = None,
+    tag: str | None = None,
+    dest: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Return a local path for ``spec`` (see the module docstring). ``dest`` is the download folder (default
+    ``<workspace>/.hubconv/checkpoint``). Raises :class:`CheckpointError` or :class:`GitHubError`."""
+    spec = spec.strip()
+    if spec.startswith(RELEASE_ASSETS):
+        pattern = spec[len(RELEASE_ASSETS) :].strip() or "*"
+        if github is None:
+            github = GitHubContext.from_env()
+        tag = tag or _tag_from_env()
+        if not tag:
+            raise CheckpointError(
+                "checkpoint 'release-assets:' needs a release tag: run on a 'release' event or pass the tag"
+            )
+        folder = dest or os.path.join(workspace, ".hubconv", "checkpoint")
+        return download_release_assets(github, tag, folder, pattern=pattern, progress=progress)
+    if _URL_RE.match(spec):
+        return _fetch_url(spec, dest or os.path.join(workspace, ".hubconv", "checkpoint"), progress=progress)
+    path = spec if os.path.isabs(spec) else os.path.join(workspace, spec)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {spec!r} not found (looked for {path})")
+    return path
+
+
+def _tag_from_env() -> str | None:
+    ref = os.environ.get("GITHUB_REF", "")
+    return ref[len("refs/tags/") :] if ref.startswith("refs/tags/") else None
+
+
+def _folder_result(folder: str) -> str:
+    files = [f for f in os.listdir(folder) if not f.endswith(".part")]
+    if len(files) == 1 and os.path.isfile(os.path.join(folder, files[0])):
+        return os.path.join(folder, files[0])
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- release assets
+def parse_sha256sums(text: str | None) -> dict[str, str]:
+    """``{file name: sha256}`` from ``sha256sum``-format lines (``<hex>  name`` or ``<hex> *name``) in ``text``."""
+    sums: dict[str, str] = {}
+    for line in (text or "").splitlines():
+        line = line.strip().strip("`")
+        if m := _SHA_LINE.match(line):
+            sums[os.path.basename(m.group(2).strip("`"))] = m.group(1).lower()
+    return sums
+
+
+def download_release_assets(
+    ctx: GitHubContext, tag: str, dest: str, *, pattern: str = "*", progress: bool = True, timeout: float = 60.0
+) -> str:
+    """Download the assets of release ``tag`` matching ``pattern`` into ``dest``; return ``dest``, or the one file."""
+    bot = Bot(ctx, max_retries=3, backoff_factor=0.5, seconds_between_requests=None, seconds_between_writes=None)
+    try:
+        try:
+            release = bot._find_release(tag)
+            body = release.body or ""
+            assets = [a for a in release.get_assets() if fnmatch.fnmatchcase(a.name, pattern)]
+            # digest: "sha256:<hex>", null for assets uploaded before GitHub computed it
+            plan = [(a.name, a.url, int(a.size), (a.digest or "")) for a in assets]
+        except (GithubException, requests.RequestException) as exc:
+            raise bot._fail(f"list the assets of release {tag!r} of {ctx.repository}", exc) from None
+    finally:
+        bot.close()
+    if not plan:
+        raise CheckpointError(f"release {tag!r} of {ctx.repository} has no asset matching {pattern!r}")
+    sums = parse_sha256sums(body)
+    os.makedirs(dest, exist_ok=True)
+    with _Downloader(ctx, timeout=timeout) as dl, _progress(sum(p[2] for p in plan), progress) as bar:
+        for name, url, size, digest in plan:
+            expected = sums.get(name)
+            if digest.lower().startswith("sha256:"):
+                expected = expected or digest.split(":", 1)[1].lower()
+            dl.fetch(name, url, size, expected, dest, bar)
+    return _folder_result(dest)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="checkpoint")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+class _Downloader:
+    def __init__(self, ctx: GitHubContext, timeout: float) -> None:
+        self.ctx = ctx
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.trust_env = False  # no .netrc credentials; we handle auth ourselves
+        retry = Retry(total=3, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504), allowed_methods={"GET"})
+        adapter = HTTPAdapter(max_retries=retry)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def __enter__(self) -> _Downloader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.session.close()
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self.ctx.token, "***")
+
+    def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
+        """GET with redirects followed by hand: the token goes only to the API's origin."""
+        api_origin = _origin(self.ctx.api_url)
+        for _ in range(MAX_REDIRECTS + 1):
+            hdrs = dict(headers)
+            if _origin(url) == api_origin:
+                hdrs["Authorization"] = f"Bearer {self.ctx.token}"
+            resp = self.session.get(url, headers=hdrs, stream=True, allow_redirects=False, timeout=self.timeout)
+            if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                url = urllib.parse.urljoin(url, resp.headers["Location"])
+                resp.close()
+                continue
+            return resp
+        raise GitHubError("asset download: too many redirects")
+
+    def fetch(self, name: str, url: str, size: int, sha256: str | None, dest: str, bar) -> None:
+        if name != os.path.basename(name) or name in ("", ".", ".."):
+            raise CheckpointError(f"release asset has an unsafe name: {name!r}")
+        final = os.path.join(dest, name)
+        part = final + ".part"
+        if os.path.isfile(final) and os.path.getsize(final) == size:
+            if sha256 is None or _sha256(final) == sha256:
+                log.info("release asset %s already downloaded (%d bytes), skipping", name, size)
+                bar.update(size)
+                return
+            log.warning("release asset %s exists but its sha256 differs; downloading again", name)
+            os.remove(final)
+        have = os.path.getsize(part) if os.path.isfile(part) else 0
+        if have > size:
+            os.remove(part)
+            have = 0
+        if have < size or size == 0:
+            have = self._stream(name, url, size, part, have, bar)
+        else:
+            bar.update(have)
+        got = os.path.getsize(part)
+        if got != size:
+            os.remove(part)
+            raise CheckpointError(f"release asset {name}: downloaded {got} bytes, expected {size}; removed it")
+        if sha256 is not None:
+            actual = _sha256(part)
+            if actual != sha256:
+                os.remove(part)
+                raise CheckpointError(
+                    f"release asset {name}: sha256 mismatch (expected {sha256}, got {actual}); removed the file"
+                )
+        os.replace(part, final)
+        log.info("downloaded release asset %s (%d bytes)", name, size)
+
+    def _stream(self, name: str, url: str, size: int, part: str, have: int, bar) -> int:
+        headers = {"Accept": "application/octet-stream"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+            log.info("resuming release asset %s at byte %d of %d", name, have, size)
+        try:
+            resp = self._get(url, headers)
+            with resp:
+                if resp.status_code == 416 and have:  # stale/odd partial file: start over
+                    os.remove(part)
+                    return self._stream(name, url, size, part, 0, bar)
+                if resp.status_code == 206:
+                    m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
+                    if not m or int(m.group(1)) != have:
+                        raise CheckpointError(f"release asset {name}: server answered an unexpected byte range")
+                    mode = "ab"
+                elif resp.status_code == 200:
+                    have, mode = 0, "wb"  # range ignored: whole file again
+                else:
+                    raise GitHubError(f"release asset {name}: download failed: HTTP {resp.status_code}")
+                bar.update(have)
+                with open(part, mode) as f:
+                    for chunk in resp.iter_content(CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except requests.RequestException as exc:
+            # keep the .part for a later resume; scrub in case a library put a header in the text
+            raise GitHubError(
+                self._scrub(f"release asset {name}: download failed: {type(exc).__name__}: {exc}")
+            ) from None
+        return have
+
+
+# ---------------------------------------------------------------------------------------------- URLs (fsspec)
+def _fetch_url(url: str, dest: str, *, progress: bool = True) -> str:
+    scheme = url.split("://", 1)[0].lower()
+    try:
+        import fsspec
+    except ImportError:
+        extra = _FSSPEC_EXTRAS.get(scheme)
+        pkgs = "fsspec" + (f" {extra}" if extra else "") + (" aiohttp" if scheme in ("http", "https") else "")
+        raise CheckpointError(f"checkpoint URL {_redact(url)} needs the 'fsspec' package: pip install {pkgs}") from None
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        root = root.rstrip("/") or root
+        if fs.isdir(root):
+            entries = [p for p in fs.find(root) if not fs.isdir(p)]
+            pairs = [(p, os.path.join(dest, os.path.relpath(p, root))) for p in entries]
+        else:
+            pairs = [(root, os.path.join(dest, os.path.basename(root)))]
+        if not pairs:
+            raise CheckpointError(f"checkpoint URL {_redact(url)} is an empty folder")
+        with _progress(sum(int(fs.size(p) or 0) for p, _ in pairs), progress) as bar:
+            for src, target in pairs:
+                _copy_stream(fs, src, target, bar)
+    except ImportError as exc:  # fsspec knows the scheme but its backend is missing
+        extra = _FSSPEC_EXTRAS.get(scheme, str(exc))
+        raise CheckpointError(f"checkpoint URL {_redact(url)}: pip install {extra} ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint URL {_redact(url)}: copy failed: {type(exc).__name__}: {exc}") from None
+    return _folder_result(dest)
+
+
+def _copy_stream(fs, src: str, target: str, bar) -> None:
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    part = target + ".part"
+    with fs.open(src, "rb", block_size=CHUNK) as fin, open(part, "wb") as fout:
+        while chunk := fin.read(CHUNK):
+            fout.write(chunk)
+            bar.update(len(chunk))
+    os.replace(part, target)
+
+
+def _redact(url: str) -> str:
+    """Drop user:password@ and the query string (presigned URLs carry credentials there)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+__all__ = ["download_release_assets", "parse_sha256sums", "resolve_checkpoint"]

@@ -1,0 +1,204 @@
+"""hubconv.sources.resolve_checkpoint: plain paths, release assets (against tests/ghserver.py), fsspec URLs."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import logging
+import os
+
+import pytest
+
+from hubconv.errors import CheckpointError, HubconvError
+from hubconv.github import GitHubContext
+from hubconv.sources import parse_sha256sums, resolve_checkpoint
+from tests.ghserver import FakeGitHub
+
+TOKEN = "ghp_SECRETsourcestoken0987654321"
+TAG = "v1.0"
+META = b'{"state_dict_metadata": {}}' * 50
+SHARD = bytes(range(256)) * 4096  # 1 MiB
+ASSET_GET = r"/repos/acme/models/releases/assets/\d+"
+
+
+@pytest.fixture
+def gh():
+    with FakeGitHub(token=TOKEN) as server:
+        yield server
+
+
+def ctx(gh: FakeGitHub) -> GitHubContext:
+    return GitHubContext(api_url=gh.api_url, repository=gh.full_name, token=TOKEN)
+
+
+def resolve(gh: FakeGitHub, tmp_path, spec: str = "release-assets:", **kw) -> str:
+    kw.setdefault("tag", TAG)
+    kw.setdefault("dest", str(tmp_path / "ckpt"))
+    kw.setdefault("progress", False)
+    return resolve_checkpoint(spec, str(tmp_path), github=ctx(gh), **kw)
+
+
+def two_file_release(gh: FakeGitHub, body: str = "") -> dict:
+    return gh.add_release(TAG, body=body, assets=[(".metadata", META), ("__0_0.distcp", SHARD)])
+
+
+def storage_gets(gh: FakeGitHub) -> list:
+    return [r for r in gh.requests if r.storage]
+
+
+def assert_token_hidden(gh: FakeGitHub, *texts: str) -> None:
+    for r in gh.requests:
+        assert TOKEN not in r.path and TOKEN not in str(r.query)
+    for text in texts:
+        assert TOKEN not in text
+
+
+# ---------------------------------------------------------------------------------------------- release assets
+def test_downloads_a_two_file_checkpoint_into_a_folder(gh, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    two_file_release(gh)
+    out = resolve(gh, tmp_path)
+    assert out == str(tmp_path / "ckpt")
+    assert sorted(os.listdir(out)) == [".metadata", "__0_0.distcp"]
+    assert (tmp_path / "ckpt" / ".metadata").read_bytes() == META
+    assert (tmp_path / "ckpt" / "__0_0.distcp").read_bytes() == SHARD
+    # the API call carried the token and the octet-stream Accept; the storage hop carried no Authorization at all
+    api = gh.calls("GET", ASSET_GET)
+    assert len(api) == 2 and all(r.auth_ok and r.headers["accept"] == "application/octet-stream" for r in api)
+    store = storage_gets(gh)
+    assert len(store) == 2 and all(r.authorization is None for r in store)
+    assert_token_hidden(gh, caplog.text)
+
+
+def test_a_single_asset_returns_the_file_path(gh, tmp_path):
+    gh.add_release(TAG, assets=[("model.safetensors", SHARD)])
+    out = resolve(gh, tmp_path)
+    assert out == str(tmp_path / "ckpt" / "model.safetensors")
+    assert open(out, "rb").read() == SHARD
+
+
+def test_resumes_a_partial_download_with_a_range_request(gh, tmp_path):
+    two_file_release(gh)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "__0_0.distcp.part").write_bytes(SHARD[:300_000])
+    resolve(gh, tmp_path)
+    ranged = [r for r in storage_gets(gh) if "range" in r.headers]
+    assert [r.headers["range"] for r in ranged] == ["bytes=300000-"]
+    assert (folder / "__0_0.distcp").read_bytes() == SHARD
+    assert not (folder / "__0_0.distcp.part").exists()
+
+
+def test_complete_assets_are_not_downloaded_again(gh, tmp_path):
+    two_file_release(gh)
+    resolve(gh, tmp_path)
+    n_api, n_store = len(gh.calls("GET", ASSET_GET)), len(storage_gets(gh))
+    assert (n_api, n_store) == (2, 2)
+    out = resolve(gh, tmp_path)
+    assert len(gh.calls("GET", ASSET_GET)) == n_api
+    assert len(storage_gets(gh)) == n_store
+    assert sorted(os.listdir(out)) == [".metadata", "__0_0.distcp"]
+
+
+def test_sha256_from_release_body_is_verified(gh, tmp_path):
+    body = (
+        "Checkpoint for step 1000.\n\n```\n"
+        f"{hashlib.sha256(META).hexdigest()}  .metadata\n"
+        f"{hashlib.sha256(SHARD).hexdigest()} *__0_0.distcp\n```\n"
+    )
+    release = two_file_release(gh, body)
+    resolve(gh, tmp_path)  # good bytes pass
+    shard_id = next(a["id"] for a in release["assets"] if a["name"] == "__0_0.distcp")
+    tampered = bytearray(SHARD)
+    tampered[12345] ^= 0xFF
+    gh.set_asset_data(shard_id, bytes(tampered))  # same size, different content
+    dest = tmp_path / "other"
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp.*sha256 mismatch") as err:
+        resolve(gh, tmp_path, dest=str(dest))
+    assert not (dest / "__0_0.distcp").exists() and not (dest / "__0_0.distcp.part").exists()
+    assert (dest / ".metadata").read_bytes() == META
+    assert_token_hidden(gh, str(err.value))
+
+
+def test_asset_digest_field_is_verified(gh, tmp_path):
+    gh.add_release(TAG)
+    gh.add_asset(TAG, "model.bin", b"tampered!", digest="sha256:" + hashlib.sha256(b"original!").hexdigest())
+    with pytest.raises(CheckpointError, match=r"model\.bin.*sha256 mismatch"):
+        resolve(gh, tmp_path)
+    assert not os.listdir(tmp_path / "ckpt")
+
+
+def test_glob_selects_assets(gh, tmp_path):
+    gh.add_release(TAG, assets=[("a.distcp", b"a" * 10), ("b.distcp", b"b" * 20), ("notes.txt", b"hi")])
+    out = resolve(gh, tmp_path, "release-assets:*.distcp")
+    assert sorted(os.listdir(out)) == ["a.distcp", "b.distcp"]
+    assert len(gh.calls("GET", ASSET_GET)) == 2
+    with pytest.raises(CheckpointError, match=r"no asset matching '\*\.safetensors'"):
+        resolve(gh, tmp_path, "release-assets:*.safetensors")
+
+
+def test_missing_tag_is_a_clear_error(gh, tmp_path):
+    gh.add_release("v0.9", assets=[("x", b"x")])
+    with pytest.raises(HubconvError, match=r"no release with tag 'v1\.0' in acme/models") as err:
+        resolve(gh, tmp_path)
+    assert_token_hidden(gh, str(err.value))
+
+
+def test_no_tag_at_all_is_a_clear_error(gh, tmp_path, monkeypatch):
+    monkeypatch.delenv("GITHUB_REF", raising=False)
+    with pytest.raises(CheckpointError, match="needs a release tag"):
+        resolve(gh, tmp_path, tag=None)
+
+
+def test_bad_token_error_does_not_leak_it(gh, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    two_file_release(gh)
+    bad = "ghp_WRONGtoken_abcdef123456"
+    c = GitHubContext(api_url=gh.api_url, repository=gh.full_name, token=bad)
+    with pytest.raises(HubconvError, match="401") as err:
+        resolve_checkpoint("release-assets:", str(tmp_path), github=c, tag=TAG, progress=False)
+    assert bad not in str(err.value) and bad not in caplog.text
+    assert all(bad not in r.path for r in gh.requests)
+
+
+def test_parse_sha256sums():
+    h = "ab" * 32
+    assert parse_sha256sums(f"text\n{h}  dir/x.bin\n{h.upper()} *y.bin\nnot a line") == {"x.bin": h, "y.bin": h}
+
+
+# ---------------------------------------------------------------------------------------------- plain paths / URLs
+def test_plain_path_passthrough_and_missing_path(tmp_path):
+    (tmp_path / "step-100").mkdir()
+    assert resolve_checkpoint("step-100", str(tmp_path)) == os.path.join(str(tmp_path), "step-100")
+    with pytest.raises(CheckpointError, match=r"'nope/step-5' not found"):
+        resolve_checkpoint("nope/step-5", str(tmp_path))
+
+
+def test_url_without_fsspec_says_what_to_install(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_fsspec(name, *args, **kwargs):
+        if name == "fsspec" or name.startswith("fsspec."):
+            raise ImportError("No module named 'fsspec'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fsspec)
+    with pytest.raises(CheckpointError, match=r"pip install fsspec s3fs") as err:
+        resolve_checkpoint("s3://bucket/ckpt/step-1?X-Amz-Signature=secret", str(tmp_path), progress=False)
+    assert "secret" not in str(err.value)
+    with pytest.raises(CheckpointError, match=r"pip install fsspec gcsfs"):
+        resolve_checkpoint("gs://bucket/ckpt", str(tmp_path), progress=False)
+
+
+def test_file_url_folder_copy_with_fsspec(tmp_path):
+    pytest.importorskip("fsspec")
+    src = tmp_path / "remote" / "step-7"
+    src.mkdir(parents=True)
+    (src / ".metadata").write_bytes(META)
+    (src / "__0_0.distcp").write_bytes(SHARD)
+    out = resolve_checkpoint(src.as_uri(), str(tmp_path), dest=str(tmp_path / "dl"), progress=False)
+    assert out == str(tmp_path / "dl")
+    assert (tmp_path / "dl" / "__0_0.distcp").read_bytes() == SHARD
+    assert (tmp_path / "dl" / ".metadata").read_bytes() == META
+    single = resolve_checkpoint((src / ".metadata").as_uri(), str(tmp_path), dest=str(tmp_path / "one"))
+    assert single == str(tmp_path / "one" / ".metadata")
