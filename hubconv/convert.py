@@ -19,6 +19,7 @@ from hubconv.dtypes import DType, parse_user_dtype
 from hubconv.errors import HubconvError, OutputError
 from hubconv.hf_target import TargetCheck, compare
 from hubconv.io.checkpoint import open_checkpoint
+from hubconv.io.tensor import numel
 from hubconv.io.writer import ShardPlan, ShardSink, parse_size, plan_shards, write_model
 
 # Room left free for config/tokenizer files and filesystem overhead when checking disk space.
@@ -60,7 +61,7 @@ def _run(
         plan = build_plan(adapter, ckpt, model_args)
         targets = {t.name: t for t in plan.targets}
         dtypes = {t.name: (out_dtype if out_dtype and t.dtype.is_float else t.dtype) for t in plan.targets}
-        dominant = max(plan.targets, key=lambda t: t.dtype.itemsize * _numel(t.shape))
+        dominant = max(plan.targets, key=lambda t: t.dtype.itemsize * numel(t.shape))
         shards = plan_shards(
             [(t.name, dtypes[t.name], t.shape) for t in plan.targets],
             shard_bytes,
@@ -145,13 +146,6 @@ def _add_tokenizer(source: str, folder: str, plan: ConversionPlan) -> list[str]:
     if failed:
         raise HubconvError(f"tokenizer {source}: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
     return [f"tokenizer {c.name}: {c.detail}" for c in checks if c.status == "warn"]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _check_free_space(folder: str, shards: ShardPlan, streaming: bool = False) -> None:

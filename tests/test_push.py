@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from hubconv.devhub import DevHub
 from hubconv.errors import HubconvError
 from hubconv.hub import REPORT_MARKER, push
 from hubconv.verify import verify_download
-from tests.test_release import EXAMPLE_SOURCE
+from tests.test_release import EXAMPLE_SOURCE, hubconv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "tiny-llama3-torchtitan")
@@ -27,22 +25,15 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def release_dir(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("rel") / "release")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hubconv",
-            "release",
-            "--dry-run",
-            "--config",
-            os.path.join(EXAMPLE, ".hubconv.yml"),
-            "--output",
-            out,
-            "--quiet",
-            "--no-parity",
-        ],
-        capture_output=True,
-        text=True,
+    r = hubconv(
+        "release",
+        "--dry-run",
+        "--config",
+        os.path.join(EXAMPLE, ".hubconv.yml"),
+        "--output",
+        out,
+        "--quiet",
+        "--no-parity",
     )
     assert r.returncode == 0, r.stderr
     return out
@@ -158,12 +149,7 @@ def test_bad_tokens_fail_clearly_and_write_nothing(hub, folder, monkeypatch) -> 
 
 def test_cli_json_and_the_token_never_printed(hub, folder) -> None:
     env = {**os.environ, "HF_TOKEN": hub.token, "HF_ENDPOINT": hub.url, "GITHUB_ACTIONS": "true"}
-    r = subprocess.run(
-        [sys.executable, "-m", "hubconv", "push", folder, "--repo-id", "org/tiny", "--tag", "v3", "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    r = hubconv("push", folder, "--repo-id", "org/tiny", "--tag", "v3", "--json", env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout[r.stdout.index("{") :])
     assert out["commit_url"].endswith(out["commit_sha"]) and out["tag"] == "v3" and out["pr_number"] is None
@@ -172,12 +158,7 @@ def test_cli_json_and_the_token_never_printed(hub, folder) -> None:
     )
     # The only occurrence is GitHub's own masking command; it is never printed otherwise.
     assert (r.stdout + r.stderr).replace(f"::add-mask::{hub.token}", "").count(hub.token) == 0
-    bad = subprocess.run(
-        [sys.executable, "-m", "hubconv", "push", folder, "--repo-id", "org/tiny"],
-        capture_output=True,
-        text=True,
-        env={**env, "HF_TOKEN": "hf_wrong_token_123"},
-    )
+    bad = hubconv("push", folder, "--repo-id", "org/tiny", env={**env, "HF_TOKEN": "hf_wrong_token_123"})
     assert bad.returncode == 1 and "hf_wrong_token_123" not in bad.stdout.replace("::add-mask::hf_wrong_token_123", "")
     assert "hf_wrong_token_123" not in bad.stderr
     assert hub.token not in open(hub.log_path).read()
@@ -188,26 +169,19 @@ def test_stream_upload_keeps_two_shards_on_disk(tmp_path) -> None:
     from safetensors import safe_open
 
     out, data = str(tmp_path / "release"), str(tmp_path / "hub")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hubconv",
-            "release",
-            "--config",
-            os.path.join(EXAMPLE, ".hubconv.yml"),
-            "--output",
-            out,
-            "--local-hub",
-            data,
-            "--stream-upload",
-            "--max-shard-size",
-            "300KB",
-            "--quiet",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    r = hubconv(
+        "release",
+        "--config",
+        os.path.join(EXAMPLE, ".hubconv.yml"),
+        "--output",
+        out,
+        "--local-hub",
+        data,
+        "--stream-upload",
+        "--max-shard-size",
+        "300KB",
+        "--quiet",
+        "--json",
     )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout[r.stdout.index("{") :])
@@ -225,21 +199,8 @@ def test_stream_upload_keeps_two_shards_on_disk(tmp_path) -> None:
     assert all(f["sha256"] in card for f in shards)  # checksums recorded while streaming
     assert "skipped: streaming upload" in open(os.path.join(out, "smoke.json")).read()
     local = tmp_path / "plain"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hubconv",
-            "convert",
-            *EXAMPLE_SOURCE,
-            "--output",
-            str(local),
-            "--max-shard-size",
-            "300KB",
-            "--quiet",
-        ],
-        check=True,
-    )
+    plain = hubconv("convert", *EXAMPLE_SOURCE, "--output", str(local), "--max-shard-size", "300KB", "--quiet")
+    assert plain.returncode == 0, plain.stderr
     for f in shards:
         assert files[f["path"]] == (local / f["path"]).read_bytes()
     with safe_open(str(local / shards[0]["path"]), framework="pt") as f:

@@ -20,8 +20,9 @@ EXAMPLE_SOURCE = [
 ]  # fmt: skip
 
 
-def hubconv(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hubconv", *args], capture_output=True, text=True, cwd=cwd)
+def hubconv(*args: str, cwd: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the `hubconv` command line in a child process, capturing its output."""
+    return subprocess.run([sys.executable, "-m", "hubconv", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
