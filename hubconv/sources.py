@@ -44,9 +44,12 @@ def resolve_checkpoint(
     tag: str | None = None,
     dest: str | None = None,
     progress: bool = True,
+    hf_endpoint: str | None = None,
+    hf_token: str | None = None,
 ) -> str:
     """Return a local path for ``spec`` (see the module docstring). ``dest`` is the download folder (default
-    ``<workspace>/.hubconv/checkpoint``). Raises :class:`CheckpointError` or :class:`GitHubError`."""
+    ``<workspace>/.hubconv/checkpoint``); ``hf_endpoint``/``hf_token`` are used for ``hf://`` URLs (default: the
+    ``HF_ENDPOINT``/``HF_TOKEN`` environment). Raises :class:`CheckpointError` or :class:`GitHubError`."""
     spec = spec.strip()
     if spec.startswith(RELEASE_ASSETS):
         pattern = spec[len(RELEASE_ASSETS) :].strip() or "*"
@@ -60,7 +63,11 @@ def resolve_checkpoint(
         folder = dest or os.path.join(workspace, ".hubconv", "checkpoint")
         return download_release_assets(github, tag, folder, pattern=pattern, progress=progress)
     if _URL_RE.match(spec):
-        return _fetch_url(spec, dest or os.path.join(workspace, ".hubconv", "checkpoint"), progress=progress)
+        options = {}
+        if spec.lower().startswith("hf://"):
+            options = {k: v for k, v in (("endpoint", hf_endpoint), ("token", hf_token)) if v}
+        folder = dest or os.path.join(workspace, ".hubconv", "checkpoint")
+        return _fetch_url(spec, folder, progress=progress, storage_options=options)
     path = spec if os.path.isabs(spec) else os.path.join(workspace, spec)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {spec!r} not found (looked for {path})")
@@ -254,7 +261,12 @@ class _Downloader:
 
 
 # ---------------------------------------------------------------------------------------------- URLs (fsspec)
-def _fetch_url(url: str, dest: str, *, progress: bool = True) -> str:
+# Checksum lists published beside a checkpoint (sha256sum format); they are read, not downloaded.
+SUMS_FILES = ("SHA256SUMS", "SHA256SUMS.txt", "sha256sums.txt", "checksums.sha256")
+
+
+def _fetch_url(url: str, dest: str, *, progress: bool = True, storage_options: dict | None = None) -> str:
+    """Copy the file or folder at ``url`` into ``dest`` with fsspec: resumable, size- and checksum-verified."""
     scheme = url.split("://", 1)[0].lower()
     try:
         import fsspec
@@ -263,18 +275,28 @@ def _fetch_url(url: str, dest: str, *, progress: bool = True) -> str:
         pkgs = "fsspec" + (f" {extra}" if extra else "") + (" aiohttp" if scheme in ("http", "https") else "")
         raise CheckpointError(f"checkpoint URL {_redact(url)} needs the 'fsspec' package: pip install {pkgs}") from None
     try:
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         root = root.rstrip("/") or root
         if fs.isdir(root):
-            entries = [p for p in fs.find(root) if not fs.isdir(p)]
-            pairs = [(p, os.path.join(dest, os.path.relpath(p, root))) for p in entries]
+            infos = {p: i for p, i in fs.find(root, detail=True).items() if i.get("type") != "directory"}
+            base = root
         else:
-            pairs = [(root, os.path.join(dest, os.path.basename(root)))]
-        if not pairs:
+            infos = {root: fs.info(root)}
+            base = _parent(root)
+        sums = _remote_sums(fs, base, infos)
+        rels = {src: _relpath(src, base) for src in infos}
+        plan = []
+        for src, info in sorted(infos.items()):
+            rel = rels[src]
+            if os.path.basename(rel) in SUMS_FILES or rel.removesuffix(".sha256") in set(rels.values()) - {rel}:
+                continue  # checksum lists are read, not downloaded
+            plan.append((src, rel, info, _expected_checksum(info, rel, sums)))
+        if not plan:
             raise CheckpointError(f"checkpoint URL {_redact(url)} is an empty folder")
-        with _progress(sum(int(fs.size(p) or 0) for p, _ in pairs), progress) as bar:
-            for src, target in pairs:
-                _copy_stream(fs, src, target, bar)
+        with _progress(sum(int(i.get("size") or 0) for _, _, i, _ in plan), progress) as bar:
+            for src, rel, info, expected in plan:
+                target = os.path.join(dest, *rel.split("/"))
+                _copy_resumable(fs, src, target, info.get("size"), expected, bar, label=f"{_redact(url)}: {rel}")
     except ImportError as exc:  # fsspec knows the scheme but its backend is missing
         extra = _FSSPEC_EXTRAS.get(scheme, str(exc))
         raise CheckpointError(f"checkpoint URL {_redact(url)}: pip install {extra} ({exc})") from None
@@ -283,13 +305,98 @@ def _fetch_url(url: str, dest: str, *, progress: bool = True) -> str:
     return _folder_result(dest)
 
 
-def _copy_stream(fs, src: str, target: str, bar) -> None:
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _relpath(path: str, base: str) -> str:
+    if base and path.startswith(base.rstrip("/") + "/"):
+        path = path[len(base.rstrip("/")) + 1 :]
+    else:
+        path = path.rsplit("/", 1)[-1]
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise CheckpointError(f"checkpoint URL lists an unsafe file name: {path!r}")
+    return path
+
+
+def _remote_sums(fs, base: str, infos: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """Checksums published beside the files: ``SHA256SUMS``-style lists in ``base`` and ``<file>.sha256``."""
+    listed: dict[str, str] = {}  # relative path (or bare name) -> sha256
+    sidecars: dict[str, str] = {}  # "<relative path>.sha256" -> sha256
+    for name in SUMS_FILES:
+        path = f"{base}/{name}" if base else name
+        if path in infos or (len(infos) == 1 and fs.exists(path)):
+            for line in fs.cat_file(path).decode("utf-8", "replace").splitlines():
+                if m := _SHA_LINE.match(line.strip()):
+                    listed[m.group(2).strip().lstrip("*").removeprefix("./")] = m.group(1).lower()
+    for src in list(infos):
+        side = src + ".sha256"
+        if side in infos or (len(infos) == 1 and fs.exists(side)):
+            text = fs.cat_file(side).decode("utf-8", "replace").split()
+            if text and re.fullmatch(r"[0-9a-fA-F]{64}", text[0]):
+                sidecars[_relpath(side, base)] = text[0].lower()
+    return {"listed": listed, "sidecars": sidecars}
+
+
+def _expected_checksum(info: dict, rel: str, sums: dict[str, dict[str, str]]) -> tuple[str, str] | None:
+    """(kind, hex) to verify ``rel`` against: the Hub's LFS sha256 or git blob id, else a published sha256."""
+    lfs = info.get("lfs")
+    if isinstance(lfs, dict) and lfs.get("sha256"):
+        return "sha256", str(lfs["sha256"]).lower()
+    if sha := sums["sidecars"].get(rel + ".sha256"):
+        return "sha256", sha
+    listed = sums["listed"]
+    if sha := listed.get(rel) or listed.get(os.path.basename(rel)):
+        return "sha256", sha
+    if isinstance(info.get("blob_id"), str) and re.fullmatch(r"[0-9a-f]{40}", info["blob_id"]):
+        return "git-blob", info["blob_id"]  # hf:// regular (non-LFS) file
+    return None
+
+
+def _digest(path: str, kind: str) -> str:
+    if kind == "sha256":
+        return _sha256(path)
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % os.path.getsize(path))
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy_resumable(fs, src: str, target: str, size: int | None, expected, bar, *, label: str) -> None:
+    """Stream ``src`` to ``target.part`` (appending to what an interrupted run left), check it, then rename.
+    A complete ``target`` that still verifies is kept as it is."""
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     part = target + ".part"
-    with fs.open(src, "rb", block_size=CHUNK) as fin, open(part, "wb") as fout:
+    if size is not None and os.path.isfile(target) and os.path.getsize(target) == size:
+        if expected is None or _digest(target, expected[0]) == expected[1]:
+            log.info("%s already downloaded (%d bytes), skipping", label, size)
+            bar.update(size)
+            return
+        log.warning("%s exists but its checksum differs; downloading again", label)
+        os.remove(target)
+    have = os.path.getsize(part) if os.path.isfile(part) else 0
+    if size is None or have > size:
+        have = 0
+    if have:
+        log.info("resuming %s at byte %d of %d", label, have, size)
+    bar.update(have)
+    with fs.open(src, "rb", block_size=CHUNK) as fin, open(part, "ab" if have else "wb") as fout:
+        if have:
+            fin.seek(have)
         while chunk := fin.read(CHUNK):
             fout.write(chunk)
             bar.update(len(chunk))
+    got = os.path.getsize(part)
+    if size is not None and got != size:
+        raise CheckpointError(f"{label}: copied {got} bytes, the source has {size}; run again to resume")
+    if expected is not None:
+        actual = _digest(part, expected[0])
+        if actual != expected[1]:
+            os.remove(part)
+            raise CheckpointError(f"{label}: {expected[0]} mismatch (expected {expected[1]}, got {actual}); removed it")
     os.replace(part, target)
 
 

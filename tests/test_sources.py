@@ -202,3 +202,121 @@ def test_file_url_folder_copy_with_fsspec(tmp_path):
     assert (tmp_path / "dl" / ".metadata").read_bytes() == META
     single = resolve_checkpoint((src / ".metadata").as_uri(), str(tmp_path), dest=str(tmp_path / "one"))
     assert single == str(tmp_path / "one" / ".metadata")
+
+
+# ---------------------------------------------------------------------------------------------- fsspec URLs
+def _remote(tmp_path, files: dict[str, bytes]):
+    src = tmp_path / "remote" / "step-7"
+    src.mkdir(parents=True)
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    return src
+
+
+def _sums(**files: bytes) -> bytes:
+    return "".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in files.items()).encode()
+
+
+def test_fsspec_folder_is_verified_against_a_published_sha256sums(tmp_path, caplog):
+    src = _remote(tmp_path, {".metadata": META, "__0_0.distcp": SHARD})
+    (src / "SHA256SUMS").write_bytes(_sums(**{".metadata": META, "__0_0.distcp": SHARD}))
+    dest = tmp_path / "dl"
+    assert resolve_checkpoint(src.as_uri(), str(tmp_path), dest=str(dest), progress=False) == str(dest)
+    assert sorted(os.listdir(dest)) == [".metadata", "__0_0.distcp"]  # the checksum list is read, not copied
+    # the source changes after the sums were published: caught, nothing half-written left behind
+    (src / "__0_0.distcp").write_bytes(SHARD[:-1] + b"\x00")
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: sha256 mismatch") as err:
+        resolve_checkpoint(src.as_uri(), str(tmp_path), dest=str(tmp_path / "dl2"), progress=False)
+    assert "expected " + hashlib.sha256(SHARD).hexdigest() in str(err.value)
+    assert not (tmp_path / "dl2" / "__0_0.distcp").exists() and not (tmp_path / "dl2" / "__0_0.distcp.part").exists()
+
+
+def test_fsspec_resumes_an_interrupted_copy_from_its_part_file(tmp_path):
+    src = _remote(tmp_path, {"model.pt": SHARD})
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    # an earlier run stopped after 300 KiB; its bytes are marked so the test can see they were kept, not re-read
+    kept = b"\xee" * (300 << 10)
+    (dest / "model.pt.part").write_bytes(kept)
+    out = resolve_checkpoint(src.as_uri() + "/model.pt", str(tmp_path), dest=str(dest), progress=False)
+    assert out == str(dest / "model.pt")
+    assert (dest / "model.pt").read_bytes() == kept + SHARD[len(kept) :]
+    assert not (dest / "model.pt.part").exists()
+
+
+def test_fsspec_resume_with_a_corrupt_part_fails_the_checksum_and_the_next_run_recovers(tmp_path):
+    src = _remote(tmp_path, {"model.pt": SHARD, "model.pt.sha256": _sums(**{"model.pt": SHARD})})
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    (dest / "model.pt.part").write_bytes(b"\xee" * 1000)  # not a prefix of the source
+    url = src.as_uri() + "/model.pt"
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        resolve_checkpoint(url, str(tmp_path), dest=str(dest), progress=False)
+    assert os.listdir(dest) == []  # the bad partial file was removed
+    assert resolve_checkpoint(url, str(tmp_path), dest=str(dest), progress=False) == str(dest / "model.pt")
+    assert (dest / "model.pt").read_bytes() == SHARD
+
+
+def test_fsspec_keeps_a_complete_verified_file_and_replaces_a_stale_one(tmp_path, caplog):
+    src = _remote(tmp_path, {"model.pt": SHARD})
+    (src / "SHA256SUMS").write_bytes(_sums(**{"model.pt": SHARD}))
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    (dest / "model.pt").write_bytes(SHARD)
+    os.utime(dest / "model.pt", (1, 1))
+    with caplog.at_level(logging.INFO, logger="hubconv.sources"):
+        resolve_checkpoint(src.as_uri() + "/model.pt", str(tmp_path), dest=str(dest), progress=False)
+    assert os.stat(dest / "model.pt").st_mtime == 1  # not copied again
+    assert "already downloaded" in caplog.text
+    (dest / "model.pt").write_bytes(b"\x00" * len(SHARD))  # same size, wrong bytes
+    resolve_checkpoint(src.as_uri() + "/model.pt", str(tmp_path), dest=str(dest), progress=False)
+    assert (dest / "model.pt").read_bytes() == SHARD
+
+
+def test_fsspec_truncated_source_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    src = _remote(tmp_path, {"model.pt": SHARD})
+    real_info = LocalFileSystem.info
+    monkeypatch.setattr(LocalFileSystem, "info", lambda self, p, **kw: {**real_info(self, p, **kw), "size": 2 << 20})
+    with pytest.raises(CheckpointError, match=r"model\.pt: copied 1048576 bytes, the source has 2097152"):
+        resolve_checkpoint(src.as_uri() + "/model.pt", str(tmp_path), dest=str(tmp_path / "dl"), progress=False)
+    assert not (tmp_path / "dl" / "model.pt").exists()
+
+
+@pytest.mark.usefixtures("loopback_hub_client")
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_hf_url_from_the_loopback_hub_is_verified_by_lfs_sha256_and_git_blob_id(tmp_path, monkeypatch):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from hubconv.devhub import DevHub
+
+    big = os.urandom(11 << 20)  # > 10 MB: stored as LFS, so the Hub lists its sha256
+    with DevHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.url, token=hub.token)
+        api.create_repo("devuser/ckpt")
+        api.create_commit(
+            "devuser/ckpt",
+            [
+                CommitOperationAdd("step-7/.metadata", META),
+                CommitOperationAdd("step-7/__0_0.distcp", big),
+            ],
+            commit_message="checkpoint",
+        )
+        calls = []
+        import hubconv.sources as sources
+
+        real = sources._digest
+        monkeypatch.setattr(sources, "_digest", lambda p, kind: calls.append(kind) or real(p, kind))
+        out = resolve_checkpoint(
+            "hf://devuser/ckpt/step-7",
+            str(tmp_path),
+            dest=str(tmp_path / "dl"),
+            progress=False,
+            hf_endpoint=hub.url,
+            hf_token=hub.token,
+        )
+    assert out == str(tmp_path / "dl")
+    assert (tmp_path / "dl" / "__0_0.distcp").read_bytes() == big
+    assert (tmp_path / "dl" / ".metadata").read_bytes() == META
+    assert sorted(calls) == ["git-blob", "sha256"]
