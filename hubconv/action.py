@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Mapping
@@ -223,6 +224,7 @@ def _run(env: dict[str, str], workspace: str) -> int:
     cfg = release_config(_config_args(inputs, plan, workspace))
     if not plan.dry_run:
         cfg.require_hub()
+    disk = DiskReport(workspace)
     if cfg.checkpoint and (cfg.checkpoint.startswith("release-assets:") or "://" in cfg.checkpoint):
         from hubconv.github import GitHubContext
         from hubconv.sources import resolve_checkpoint
@@ -232,8 +234,17 @@ def _run(env: dict[str, str], workspace: str) -> int:
             api_url = env.get("GITHUB_API_URL", "https://api.github.com")
             github = GitHubContext(api_url, env["GITHUB_REPOSITORY"], inputs["github-token"])
         print("::group::fetch the checkpoint", flush=True)
-        cfg.checkpoint = resolve_checkpoint(cfg.checkpoint, workspace, github=github, tag=plan.tag, progress=False)
-        print(f"checkpoint: {cfg.checkpoint}", flush=True)
+        cfg.checkpoint = resolve_checkpoint(
+            cfg.checkpoint,
+            workspace,
+            github=github,
+            tag=plan.tag,
+            progress=False,
+            hf_endpoint=cfg.hub.endpoint,
+            hf_token=inputs.get("hf-token") or env.get("HF_TOKEN"),
+        )
+        disk.fetched = _tree_bytes(cfg.checkpoint)
+        print(f"checkpoint: {cfg.checkpoint} ({disk.fetched:,} bytes fetched)", flush=True)
         print("::endgroup::", flush=True)
     print("::group::hubconv release (convert, tokenizer, smoke test, model card)", flush=True)
     try:
@@ -241,7 +252,7 @@ def _run(env: dict[str, str], workspace: str) -> int:
     except ReleaseFailed as e:
         print("::endgroup::", flush=True)
         _write_report(env, workspace, e.report, "fail")
-        _finish(env, inputs, plan, e.report, None)
+        _finish(env, inputs, plan, e.report, None, disk=disk)
         raise
     print("::endgroup::", flush=True)
     report = result.report_md
@@ -264,7 +275,7 @@ def _run(env: dict[str, str], workspace: str) -> int:
             report_md=report,
         )
         print("::endgroup::", flush=True)
-    _finish(env, inputs, plan, report, pushed, result.files)
+    _finish(env, inputs, plan, report, pushed, result.files, disk=disk)
     return 0
 
 
@@ -283,6 +294,32 @@ def _write_report(env: Mapping[str, str], workspace: str, report: str, smoke_sta
     set_output(env.get("GITHUB_OUTPUT"), "report", REPORT_FILE)
 
 
+class DiskReport:
+    """Disk use of a run, for the job summary: a GitHub-hosted runner has ~14 GB free, and a model that does not
+    fit should say so in numbers (what was fetched, what was written, what is left)."""
+
+    def __init__(self, workspace: str) -> None:
+        self.workspace = workspace
+        self.free_at_start = shutil.disk_usage(workspace).free
+        self.fetched: int | None = None
+
+    def rows(self, files: Mapping[str, int] | None) -> list[str]:
+        rows = ["| disk | bytes |", "| --- | --- |"]
+        if self.fetched is not None:
+            rows.append(f"| checkpoint fetched | {self.fetched:,} |")
+        if files:
+            rows.append(f"| converted model | {sum(files.values()):,} |")
+        rows.append(f"| free on the workspace disk at start | {self.free_at_start:,} |")
+        rows.append(f"| free on the workspace disk at end | {shutil.disk_usage(self.workspace).free:,} |")
+        return [*rows, ""]
+
+
+def _tree_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
 def _finish(
     env: Mapping[str, str],
     inputs: Mapping[str, str | None],
@@ -290,6 +327,8 @@ def _finish(
     report: str,
     pushed: Any,
     files: Mapping[str, int] | None = None,
+    *,
+    disk: DiskReport | None = None,
 ) -> None:
     """Hub outputs, job summary and the bot's comments."""
     out = env.get("GITHUB_OUTPUT")
@@ -315,6 +354,8 @@ def _finish(
         summary += [*links, ""]
     if files:
         summary += ["| file | bytes |", "| --- | --- |", *[f"| `{n}` | {s:,} |" for n, s in files.items()], ""]
+    if disk is not None:
+        summary += disk.rows(files)
     summary.append(report)
     write_summary(env.get("GITHUB_STEP_SUMMARY"), "\n".join(summary) + "\n")
     _report_to_github(env, inputs, plan, report, "\n".join(links))

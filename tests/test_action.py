@@ -235,3 +235,32 @@ def test_checkpoint_from_release_assets(tmp_path, workspace, hub) -> None:
         assert not [r for r in gh.requests if r.storage and "authorization" in {k.lower() for k in r.headers}]
     out = parse_outputs(env["GITHUB_OUTPUT"])
     assert out["smoke-status"] == "pass" and hub.head("org/tiny", tag) == out["commit-sha"]
+    summary = open(env["GITHUB_STEP_SUMMARY"]).read()
+    assert f"| checkpoint fetched | {sum(len(d) for _, d in files):,} |" in summary
+    assert "| free on the workspace disk at end |" in summary
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_checkpoint_from_an_hf_url_on_the_configured_endpoint(tmp_path, workspace, hub) -> None:
+    """`checkpoint: hf://...` is read with the action's `endpoint` and `hf-token` (a private checkpoint repo on the
+    same Hub), verified against the Hub's checksums, converted and published."""
+    from huggingface_hub import HfApi
+
+    step = os.path.join(workspace, "model", "step-800")
+    api = HfApi(endpoint=hub.url, token=hub.token)
+    api.create_repo("org/tiny-training", private=True)
+    api.upload_folder(repo_id="org/tiny-training", folder_path=step, path_in_repo="checkpoints/step-800")
+    shutil.rmtree(step)
+    config = os.path.join(workspace, ".hubconv.yml")
+    text = (
+        open(config)
+        .read()
+        .replace("checkpoint: model/step-800", "checkpoint: hf://org/tiny-training/checkpoints/step-800")
+    )
+    open(config, "w").write(text)
+    body = payload("release.published.json")
+    env = github_env(tmp_path, workspace, "release", body, endpoint=hub.url, hf_token=hub.token)
+    assert run_action(env) == 0
+    out = parse_outputs(env["GITHUB_OUTPUT"])
+    assert out["smoke-status"] == "pass" and hub.head("org/tiny", body["release"]["tag_name"]) == out["commit-sha"]
+    assert "| checkpoint fetched |" in open(env["GITHUB_STEP_SUMMARY"]).read()
