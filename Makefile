@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 DEMO_HUB ?= out/devhub
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint verify-image clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: setup
 	$(BIN)/ruff check hubconv tests benchmarks
 	$(BIN)/actionlint .github/workflows/*.yml examples/workflows/*.yml
 	$(BIN)/python -m pytest -q
+
+# Build the action's Docker image without a Docker engine and release the example through its entrypoint (root).
+verify-image: setup
+	bash scripts/verify-image.sh
 
 lint: setup
 	$(BIN)/ruff check hubconv tests benchmarks
