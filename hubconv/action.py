@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -47,6 +48,7 @@ INPUTS = (
     "comment",
 )
 TRUSTED = ("OWNER", "MEMBER", "COLLABORATOR")
+SHA_RE = re.compile(r"[0-9a-f]{7,40}")
 SUMMARY_LIMIT = 1024 * 1024 - 4096  # GitHub rejects step summaries over 1 MiB
 
 
@@ -57,6 +59,8 @@ class EventPlan:
     create_pr: bool = False
     tag: str | None = None
     issue_number: int | None = None
+    commit: str | None = None  # `/hubconv push <sha>`: the commit a trusted author vouched for
+    head_sha: str | None = None  # the PR head commit, when the payload names it (pull_request events)
 
 
 def read_inputs(env: Mapping[str, str]) -> dict[str, str | None]:
@@ -90,7 +94,8 @@ def plan_event(event: str, payload: Mapping[str, Any], inputs: Mapping[str, str 
     if event == "workflow_dispatch":
         return EventPlan("dispatch", dry, pr_mode, inputs.get("tag"))
     if event == "pull_request":
-        return EventPlan("pull_request", True, issue_number=payload["pull_request"]["number"])
+        pr = payload["pull_request"]
+        return EventPlan("pull_request", True, issue_number=pr["number"], head_sha=(pr.get("head") or {}).get("sha"))
     if event == "issue_comment":
         body = (payload.get("comment") or {}).get("body", "").strip()
         if payload.get("action") != "created" or "pull_request" not in payload.get("issue", {}):
@@ -106,7 +111,13 @@ def plan_event(event: str, payload: Mapping[str, Any], inputs: Mapping[str, str 
                     f"/hubconv push needs a trusted author (one of {', '.join(TRUSTED)}); "
                     f"{payload['comment']['user']['login']} is {association}"
                 )
-            return EventPlan("comment", False, True, inputs.get("tag"), number)
+            sha = words[2].lower() if len(words) > 2 else ""
+            if not SHA_RE.fullmatch(sha):
+                raise HubconvError(
+                    "/hubconv push needs the commit to publish, e.g. `/hubconv push 1a2b3c4` (the PR head you "
+                    "reviewed): the PR could receive new commits after your comment"
+                )
+            return EventPlan("comment", False, True, inputs.get("tag"), number, commit=sha)
         return EventPlan("comment", True, issue_number=number)
     raise HubconvError(
         f"event {event!r} is not supported (release, push of a tag, workflow_dispatch, pull_request, issue_comment)"
@@ -221,6 +232,13 @@ def _run(env: dict[str, str], workspace: str) -> int:
         print(f"hubconv: nothing to do for this {event} event")
         return 0
     os.chdir(workspace)
+    head = workspace_commit(workspace)
+    if plan.commit and not (head or "").startswith(plan.commit):
+        raise HubconvError(
+            f"/hubconv push {plan.commit}: the checked-out commit is {head or 'unknown (no .git in the workspace)'}, "
+            "not the one named in the comment; check out the PR head and comment the new commit to publish it"
+        )
+    plan.head_sha = plan.head_sha or head
     cfg = release_config(_config_args(inputs, plan, workspace))
     if not plan.dry_run:
         cfg.require_hub()
@@ -255,7 +273,7 @@ def _run(env: dict[str, str], workspace: str) -> int:
         _finish(env, inputs, plan, e.report, None, disk=disk)
         raise
     print("::endgroup::", flush=True)
-    report = result.report_md
+    report = result.report_md + _push_hint(plan)
     _write_report(env, workspace, report, result.smoke_status)  # before publishing: kept if the push fails
     pushed = None
     if not plan.dry_run:
@@ -277,6 +295,48 @@ def _run(env: dict[str, str], workspace: str) -> int:
         print("::endgroup::", flush=True)
     _finish(env, inputs, plan, report, pushed, result.files, disk=disk)
     return 0
+
+
+def _push_hint(plan: EventPlan) -> str:
+    if plan.issue_number is None or not plan.dry_run or not plan.head_sha:
+        return ""
+    return (
+        f"\n_To publish commit `{plan.head_sha[:7]}` as a Hub pull request, a maintainer comments "
+        f"`/hubconv push {plan.head_sha[:7]}`._\n"
+    )
+
+
+def workspace_commit(workspace: str) -> str | None:
+    """The commit checked out in ``workspace``, read from ``.git`` directly: the image has no git, and git refuses a
+    workspace owned by another user (the runner's) without a safe.directory setting."""
+    git = os.path.join(workspace, ".git")
+    if os.path.isfile(git):  # a worktree or submodule: "gitdir: <path>"
+        with open(git, encoding="utf-8") as f:
+            target = f.read().strip().removeprefix("gitdir:").strip()
+        git = target if os.path.isabs(target) else os.path.join(workspace, target)
+    try:
+        with open(os.path.join(git, "HEAD"), encoding="utf-8") as f:
+            head = f.read().strip()
+        if not head.startswith("ref:"):
+            return head.lower() if re.fullmatch(r"[0-9a-fA-F]{40}", head) else None
+        ref = head.removeprefix("ref:").strip()
+        common = git
+        if os.path.isfile(os.path.join(git, "commondir")):
+            with open(os.path.join(git, "commondir"), encoding="utf-8") as f:
+                common = os.path.join(git, f.read().strip())
+        for base in (git, common):
+            path = os.path.join(base, *ref.split("/"))
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    return f.read().strip().lower()
+        with open(os.path.join(common, "packed-refs"), encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[1] == ref:
+                    return parts[0].lower()
+    except OSError:
+        return None
+    return None
 
 
 REPORT_FILE = os.path.join(".hubconv", "report.md")

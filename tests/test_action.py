@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -55,13 +56,16 @@ def test_events_map_to_runs() -> None:
     assert dispatch.kind == "dispatch" and dispatch.tag == "v2"
     pr = plan_event("pull_request", payload("pull_request.opened.json"), inputs)
     assert pr.dry_run and pr.issue_number == payload("pull_request.opened.json")["pull_request"]["number"]
-    push_cmd = plan_event("issue_comment", pr_comment("/hubconv push"), inputs)
-    assert push_cmd.create_pr and not push_cmd.dry_run
+    push_cmd = plan_event("issue_comment", pr_comment("/hubconv push 1A2B3C4d"), inputs)
+    assert push_cmd.create_pr and not push_cmd.dry_run and push_cmd.commit == "1a2b3c4d"
+    for unpinned in ("/hubconv push", "/hubconv push main", "/hubconv push 1a2b3"):
+        with pytest.raises(HubconvError, match=r"needs the commit to publish, e.g. `/hubconv push 1a2b3c4`"):
+            plan_event("issue_comment", pr_comment(unpinned), inputs)
     assert plan_event("issue_comment", pr_comment("/hubconv"), inputs).dry_run
     assert plan_event("issue_comment", pr_comment("looks good"), inputs) is None
     assert plan_event("issue_comment", payload("issue_comment.created.json"), inputs) is None  # not on a PR
     with pytest.raises(HubconvError, match=r"needs a trusted author .* is NONE"):
-        plan_event("issue_comment", pr_comment("/hubconv push", "NONE"), inputs)
+        plan_event("issue_comment", pr_comment("/hubconv push 1a2b3c4", "NONE"), inputs)
     with pytest.raises(HubconvError, match="input `dry-run` must be true or false"):
         plan_event("workflow_dispatch", {}, read_inputs({"INPUT_DRY-RUN": "maybe"}))
 
@@ -139,12 +143,44 @@ def test_pull_request_runs_a_dry_run(tmp_path, workspace, hub) -> None:
     assert hub.head("org/tiny") is None  # nothing published
 
 
-def test_trusted_push_comment_opens_a_hub_pr(tmp_path, workspace, hub) -> None:
+def git_commit_all(workspace: str, message: str) -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", workspace, "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+
+    if not os.path.isdir(os.path.join(workspace, ".git")):
+        git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "--allow-empty", "-m", message)
+    return git("rev-parse", "HEAD")
+
+
+def test_trusted_push_comment_publishes_only_the_named_commit(tmp_path, workspace, hub, capsys) -> None:
+    reviewed = git_commit_all(workspace, "the PR as reviewed")
+    git_commit_all(workspace, "pushed after the maintainer's comment")
     env = github_env(
         tmp_path,
         workspace,
         "issue_comment",
-        pr_comment("/hubconv push"),
+        pr_comment(f"/hubconv push {reviewed[:7]}"),
+        endpoint=hub.url,
+        hf_token=hub.token,
+        tag="v0.1",
+    )
+    assert run_action(env) == 1
+    assert f"::error::/hubconv push {reviewed[:7]}: the checked-out commit is" in capsys.readouterr().out
+    assert hub.head("org/tiny") is None  # nothing published
+
+    head = git_commit_all(workspace, "another")
+    env = github_env(
+        tmp_path,
+        workspace,
+        "issue_comment",
+        pr_comment(f"/hubconv push {head[:10]}"),
         endpoint=hub.url,
         hf_token=hub.token,
         tag="v0.1",
@@ -153,6 +189,23 @@ def test_trusted_push_comment_opens_a_hub_pr(tmp_path, workspace, hub) -> None:
     out = parse_outputs(env["GITHUB_OUTPUT"])
     assert out["pr-number"] and hub.head("org/tiny", f"refs/pr/{out['pr-number']}") == out["commit-sha"]
     assert hub.head("org/tiny", "main") != out["commit-sha"]
+
+
+def test_workspace_commit_reads_git_without_git(tmp_path) -> None:
+    from hubconv.action import workspace_commit
+
+    ws = str(tmp_path / "repo")
+    os.makedirs(ws)
+    assert workspace_commit(ws) is None
+    head = git_commit_all(ws, "one")
+    assert workspace_commit(ws) == head  # HEAD -> refs/heads/<branch> file
+    subprocess.run(["git", "-C", ws, "pack-refs", "--all"], check=True)
+    assert workspace_commit(ws) == head  # packed-refs
+    subprocess.run(["git", "-C", ws, "checkout", "-q", "--detach"], check=True)
+    assert workspace_commit(ws) == head  # detached, as actions/checkout leaves a PR head
+    wt = str(tmp_path / "wt")
+    subprocess.run(["git", "-C", ws, "worktree", "add", "-q", "--detach", wt], check=True)
+    assert workspace_commit(wt) == head  # .git is a file
 
 
 def test_config_errors_become_annotations(tmp_path, workspace, hub, capsys) -> None:
@@ -186,6 +239,8 @@ def test_bot_reports_on_pr_once_and_on_release_notes(tmp_path, workspace, hub) -
             assert run_action(env) == 0
         comments = gh.comments[number]
         assert len(comments) == 1 and "parity" in comments[0]["body"]  # the second run edited it
+        head = pr["pull_request"]["head"]["sha"][:7]
+        assert f"a maintainer comments `/hubconv push {head}`" in comments[0]["body"]
         assert len(gh.calls("PATCH")) == 1
 
         body = payload("release.prereleased.json")
