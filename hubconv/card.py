@@ -286,11 +286,6 @@ def _raise_problems(problems: list[str]) -> None:
         raise HubconvError("invalid model card metadata:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def check_metadata(data: ModelCardData | dict) -> None:
-    """Raise HubconvError listing every problem `validate_metadata` finds."""
-    _raise_problems(validate_metadata(data))
-
-
 # ------------------------------------------------------------------------------------------ folder facts
 
 
