@@ -175,20 +175,29 @@ def test_trusted_push_comment_publishes_only_the_named_commit(tmp_path, workspac
     assert f"::error::/hubconv push {reviewed[:7]}: the checked-out commit is" in capsys.readouterr().out
     assert hub.head("org/tiny") is None  # nothing published
 
+    from tests.ghserver import FakeGitHub
+
     head = git_commit_all(workspace, "another")
-    env = github_env(
-        tmp_path,
-        workspace,
-        "issue_comment",
-        pr_comment(f"/hubconv push {head[:10]}"),
-        endpoint=hub.url,
-        hf_token=hub.token,
-        tag="v0.1",
-    )
-    assert run_action(env) == 0
-    out = parse_outputs(env["GITHUB_OUTPUT"])
-    assert out["pr-number"] and hub.head("org/tiny", f"refs/pr/{out['pr-number']}") == out["commit-sha"]
-    assert hub.head("org/tiny", "main") != out["commit-sha"]
+    comment = pr_comment(f"/hubconv push {head[:10]}")
+    with FakeGitHub() as gh:
+        env = github_env(
+            tmp_path,
+            workspace,
+            "issue_comment",
+            comment,
+            endpoint=hub.url,
+            hf_token=hub.token,
+            github_token=gh.token,
+            tag="v0.1",
+        )
+        env |= {"GITHUB_API_URL": gh.api_url, "GITHUB_REPOSITORY": "acme/models"}
+        assert run_action(env) == 0
+        out = parse_outputs(env["GITHUB_OUTPUT"])
+        assert out["pr-number"] and hub.head("org/tiny", f"refs/pr/{out['pr-number']}") == out["commit-sha"]
+        assert hub.head("org/tiny", "main") != out["commit-sha"]
+        # the bot answers on the GitHub PR with both links: the model and the Hub PR
+        (posted,) = gh.comments[comment["issue"]["number"]]
+        assert f"Model: {out['repo-url']}" in posted["body"] and f"Hub PR: {out['pr-url']}" in posted["body"]
 
 
 def test_workspace_commit_reads_git_without_git(tmp_path) -> None:
