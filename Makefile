@@ -29,8 +29,9 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # Build the action's Docker image without a Docker engine and release the example through its entrypoint (root).
+# RUNNER_TEMP_AS_ON_GITHUB=1: RUNNER_TEMP is passed but not mounted, exactly as GitHub's runner does.
 verify-image: setup
-	bash scripts/verify-image.sh
+	RUNNER_TEMP_AS_ON_GITHUB=1 bash scripts/verify-image.sh
 
 lint: setup
 	$(BIN)/ruff check hubconv tests benchmarks
