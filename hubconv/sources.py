@@ -198,13 +198,9 @@ class _Downloader:
             raise CheckpointError(f"release asset has an unsafe name: {name!r}")
         final = os.path.join(dest, name)
         part = final + ".part"
-        if os.path.isfile(final) and os.path.getsize(final) == size:
-            if sha256 is None or _sha256(final) == sha256:
-                log.info("release asset %s already downloaded (%d bytes), skipping", name, size)
-                bar.update(size)
-                return
-            log.warning("release asset %s exists but its sha256 differs; downloading again", name)
-            os.remove(final)
+        expected = ("sha256", sha256) if sha256 else None
+        if _already_complete(final, size, expected, bar, label=f"release asset {name}"):
+            return
         have = os.path.getsize(part) if os.path.isfile(part) else 0
         if have > size:
             os.remove(part)
@@ -354,6 +350,20 @@ def _expected_checksum(info: dict, rel: str, sums: dict[str, dict[str, str]]) ->
     return None
 
 
+def _already_complete(path: str, size: int | None, expected: tuple[str, str] | None, bar, *, label: str) -> bool:
+    """True when an earlier run left ``path`` complete (right size, and checksum when one is known); a file of the
+    right size whose checksum differs is removed so that it is fetched again."""
+    if size is None or not os.path.isfile(path) or os.path.getsize(path) != size:
+        return False
+    if expected is None or _digest(path, expected[0]) == expected[1]:
+        log.info("%s already downloaded (%d bytes), skipping", label, size)
+        bar.update(size)
+        return True
+    log.warning("%s exists but its %s differs; downloading again", label, expected[0])
+    os.remove(path)
+    return False
+
+
 def _digest(path: str, kind: str) -> str:
     if kind == "sha256":
         return _sha256(path)
@@ -370,13 +380,8 @@ def _copy_resumable(fs, src: str, target: str, size: int | None, expected, bar, 
     A complete ``target`` that still verifies is kept as it is."""
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     part = target + ".part"
-    if size is not None and os.path.isfile(target) and os.path.getsize(target) == size:
-        if expected is None or _digest(target, expected[0]) == expected[1]:
-            log.info("%s already downloaded (%d bytes), skipping", label, size)
-            bar.update(size)
-            return
-        log.warning("%s exists but its checksum differs; downloading again", label)
-        os.remove(target)
+    if _already_complete(target, size, expected, bar, label=label):
+        return
     have = os.path.getsize(part) if os.path.isfile(part) else 0
     if size is None or have > size:
         have = 0

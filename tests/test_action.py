@@ -90,7 +90,10 @@ def workspace(tmp_path) -> str:
     return str(ws)
 
 
-def github_env(tmp_path, workspace: str, event: str, body: dict, **inputs: str) -> dict[str, str]:
+def github_env(tmp_path, workspace: str, event: str, body: dict, gh=None, **inputs: str) -> dict[str, str]:
+    """A Docker action's environment; with `gh` (a tests.ghserver.FakeGitHub) the bot talks to it."""
+    if gh is not None:
+        inputs.setdefault("github_token", gh.token)
     event_path = tmp_path / "event.json"
     event_path.write_text(json.dumps(body))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INPUT_", "GITHUB_"))}
@@ -107,6 +110,8 @@ def github_env(tmp_path, workspace: str, event: str, body: dict, **inputs: str) 
         "RUNNER_TEMP": str(tmp_path),
     }
     env |= {f"INPUT_{k.upper().replace('_', '-')}": v for k, v in inputs.items()}
+    if gh is not None:
+        env |= {"GITHUB_API_URL": gh.api_url, "GITHUB_REPOSITORY": "acme/models"}
     return env
 
 
@@ -187,10 +192,9 @@ def test_trusted_push_comment_publishes_only_the_named_commit(tmp_path, workspac
             comment,
             endpoint=hub.url,
             hf_token=hub.token,
-            github_token=gh.token,
+            gh=gh,
             tag="v0.1",
         )
-        env |= {"GITHUB_API_URL": gh.api_url, "GITHUB_REPOSITORY": "acme/models"}
         assert run_action(env) == 0
         out = parse_outputs(env["GITHUB_OUTPUT"])
         assert out["pr-number"] and hub.head("org/tiny", f"refs/pr/{out['pr-number']}") == out["commit-sha"]
@@ -243,8 +247,7 @@ def test_bot_reports_on_pr_once_and_on_release_notes(tmp_path, workspace, hub) -
         pr = payload("pull_request.opened.json")
         number = pr["pull_request"]["number"]
         for _ in range(2):
-            env = github_env(tmp_path, workspace, "pull_request", pr, github_token=gh.token)
-            env |= {"GITHUB_API_URL": gh.api_url, "GITHUB_REPOSITORY": "acme/models"}
+            env = github_env(tmp_path, workspace, "pull_request", pr, gh=gh)
             assert run_action(env) == 0
         comments = gh.comments[number]
         assert len(comments) == 1 and "parity" in comments[0]["body"]  # the second run edited it
@@ -255,10 +258,7 @@ def test_bot_reports_on_pr_once_and_on_release_notes(tmp_path, workspace, hub) -
         body = payload("release.prereleased.json")
         tag = body["release"]["tag_name"]
         gh.add_release(tag, body="Notes from the maintainers.", draft=False, prerelease=True)
-        env = github_env(
-            tmp_path, workspace, "release", body, endpoint=hub.url, hf_token=hub.token, github_token=gh.token
-        )
-        env |= {"GITHUB_API_URL": gh.api_url, "GITHUB_REPOSITORY": "acme/models"}
+        env = github_env(tmp_path, workspace, "release", body, endpoint=hub.url, hf_token=hub.token, gh=gh)
         assert run_action(env) == 0
         release = next(r for r in gh.releases if r["tag_name"] == tag)
         assert release["body"].startswith("Notes from the maintainers.") and "/org/tiny" in release["body"]
@@ -291,10 +291,9 @@ def test_checkpoint_from_release_assets(tmp_path, workspace, hub) -> None:
             body,
             endpoint=hub.url,
             hf_token=hub.token,
-            github_token=gh.token,
+            gh=gh,
             comment="false",
         )
-        env |= {"GITHUB_API_URL": gh.api_url, "GITHUB_REPOSITORY": "acme/models"}
         assert run_action(env) == 0
         assert not [r for r in gh.requests if r.storage and "authorization" in {k.lower() for k in r.headers}]
     out = parse_outputs(env["GITHUB_OUTPUT"])
