@@ -88,13 +88,17 @@ def _folder_result(folder: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- release assets
 def parse_sha256sums(text: str | None) -> dict[str, str]:
-    """``{file name: sha256}`` from ``sha256sum``-format lines (``<hex>  name`` or ``<hex> *name``) in ``text``."""
+    """``{file name: sha256}`` from ``sha256sum``-format lines (``<hex>  name`` or ``<hex> *name``) in ``text``.
+    A line naming a path (``step-7/x.bin``) gives that path and, unless another line names it, its base name."""
     sums: dict[str, str] = {}
+    bare: dict[str, str] = {}
     for line in (text or "").splitlines():
         line = line.strip().strip("`")
         if m := _SHA_LINE.match(line):
-            sums[os.path.basename(m.group(2).strip("`"))] = m.group(1).lower()
-    return sums
+            path = m.group(2).strip("`").removeprefix("./")
+            sums[path] = m.group(1).lower()
+            bare.setdefault(os.path.basename(path), m.group(1).lower())
+    return bare | sums
 
 
 def download_release_assets(
@@ -281,10 +285,11 @@ def _fetch_url(url: str, dest: str, *, progress: bool = True, storage_options: d
             base = _parent(root)
         sums = _remote_sums(fs, base, infos)
         rels = {src: _relpath(src, base) for src in infos}
+        names = set(rels.values())
         plan = []
         for src, info in sorted(infos.items()):
             rel = rels[src]
-            if os.path.basename(rel) in SUMS_FILES or rel.removesuffix(".sha256") in set(rels.values()) - {rel}:
+            if os.path.basename(rel) in SUMS_FILES or (rel.endswith(".sha256") and rel[: -len(".sha256")] in names):
                 continue  # checksum lists are read, not downloaded
             plan.append((src, rel, info, _expected_checksum(info, rel, sums)))
         if not plan:
@@ -318,14 +323,12 @@ def _relpath(path: str, base: str) -> str:
 
 def _remote_sums(fs, base: str, infos: dict[str, dict]) -> dict[str, dict[str, str]]:
     """Checksums published beside the files: ``SHA256SUMS``-style lists in ``base`` and ``<file>.sha256``."""
-    listed: dict[str, str] = {}  # relative path (or bare name) -> sha256
+    listed: dict[str, str] = {}  # relative path and bare name -> sha256
     sidecars: dict[str, str] = {}  # "<relative path>.sha256" -> sha256
     for name in SUMS_FILES:
         path = f"{base}/{name}" if base else name
         if path in infos or (len(infos) == 1 and fs.exists(path)):
-            for line in fs.cat_file(path).decode("utf-8", "replace").splitlines():
-                if m := _SHA_LINE.match(line.strip()):
-                    listed[m.group(2).strip().lstrip("*").removeprefix("./")] = m.group(1).lower()
+            listed |= parse_sha256sums(fs.cat_file(path).decode("utf-8", "replace"))
     for src in list(infos):
         side = src + ".sha256"
         if side in infos or (len(infos) == 1 and fs.exists(side)):
@@ -343,7 +346,7 @@ def _expected_checksum(info: dict, rel: str, sums: dict[str, dict[str, str]]) ->
     if sha := sums["sidecars"].get(rel + ".sha256"):
         return "sha256", sha
     listed = sums["listed"]
-    if sha := listed.get(rel) or listed.get(os.path.basename(rel)):
+    if sha := listed.get(rel) or listed.get(os.path.basename(rel)):  # as listed, or by base name
         return "sha256", sha
     if isinstance(info.get("blob_id"), str) and re.fullmatch(r"[0-9a-f]{40}", info["blob_id"]):
         return "git-blob", info["blob_id"]  # hf:// regular (non-LFS) file

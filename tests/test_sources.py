@@ -163,7 +163,13 @@ def test_bad_token_error_does_not_leak_it(gh, tmp_path, caplog):
 
 def test_parse_sha256sums():
     h = "ab" * 32
-    assert parse_sha256sums(f"text\n{h}  dir/x.bin\n{h.upper()} *y.bin\nnot a line") == {"x.bin": h, "y.bin": h}
+    assert parse_sha256sums(f"text\n{h}  dir/x.bin\n{h.upper()} *y.bin\nnot a line") == {
+        "dir/x.bin": h,
+        "x.bin": h,
+        "y.bin": h,
+    }
+    g = "1" * 64  # a file listed by its own name wins over another folder's file of that name
+    assert parse_sha256sums(f"{h}  a/x.bin\n{g}  ./x.bin")["x.bin"] == g
 
 
 # ---------------------------------------------------------------------------------------------- plain paths / URLs
