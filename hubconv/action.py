@@ -257,7 +257,7 @@ def _run(env: dict[str, str], workspace: str) -> int:
             workspace,
             github=github,
             tag=plan.tag,
-            progress=False,
+            progress="log",
             hf_endpoint=cfg.hub.endpoint,
             hf_token=inputs.get("hf-token") or env.get("HF_TOKEN"),
         )

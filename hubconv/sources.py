@@ -16,7 +16,9 @@ import hashlib
 import logging
 import os
 import re
+import time
 import urllib.parse
+from typing import Literal
 
 import requests
 from github import GithubException
@@ -43,7 +45,7 @@ def resolve_checkpoint(
     github: GitHubContext | None = None,
     tag: str | None = None,
     dest: str | None = None,
-    progress: bool = True,
+    progress: Progress = True,
     hf_endpoint: str | None = None,
     hf_token: str | None = None,
 ) -> str:
@@ -102,7 +104,7 @@ def parse_sha256sums(text: str | None) -> dict[str, str]:
 
 
 def download_release_assets(
-    ctx: GitHubContext, tag: str, dest: str, *, pattern: str = "*", progress: bool = True, timeout: float = 60.0
+    ctx: GitHubContext, tag: str, dest: str, *, pattern: str = "*", progress: Progress = True, timeout: float = 60.0
 ) -> str:
     """Download the assets of release ``tag`` matching ``pattern`` into ``dest``; return ``dest``, or the one file."""
     bot = Bot(ctx, max_retries=3, backoff_factor=0.5, seconds_between_requests=None, seconds_between_writes=None)
@@ -130,6 +132,9 @@ def download_release_assets(
     return _folder_result(dest)
 
 
+Progress = Literal["bar", "log", "none"] | bool  # True = "bar", False = "none"
+
+
 class _NoBar:
     def update(self, n: int) -> None:
         pass
@@ -141,8 +146,37 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
+class _LogProgress(_NoBar):
+    """Progress as plain lines for CI logs (a redrawn bar is unreadable there): every 10 % or 30 s, and at the end."""
+
+    def __init__(self, total: int, label: str = "checkpoint", clock=time.monotonic) -> None:
+        self.total, self.label, self.clock = total, label, clock
+        self.done = 0
+        self.t0 = self.last_t = clock()
+        self.last_pct = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        pct = 100 * self.done // self.total if self.total else 100
+        now = self.clock()
+        if pct >= self.last_pct + 10 or now - self.last_t >= 30:
+            self._line(pct, now)
+
+    def _line(self, pct: int, now: float) -> None:
+        self.last_pct, self.last_t = pct - pct % 10, now
+        rate = self.done / max(now - self.t0, 1e-9) / 2**20
+        print(f"{self.label}: {self.done:,} / {self.total:,} bytes ({pct}%, {rate:.1f} MiB/s)", flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None and self.last_pct < 100:
+            self._line(100 * self.done // self.total if self.total else 100, self.clock())
+
+
+def _progress(total: int, mode: Progress):
+    mode = {True: "bar", False: "none"}.get(mode, mode)  # type: ignore[arg-type]
+    if mode == "log":
+        return _LogProgress(total)
+    if mode != "bar":
         return _NoBar()
     from tqdm import tqdm
 
@@ -265,7 +299,7 @@ class _Downloader:
 SUMS_FILES = ("SHA256SUMS", "SHA256SUMS.txt", "sha256sums.txt", "checksums.sha256")
 
 
-def _fetch_url(url: str, dest: str, *, progress: bool = True, storage_options: dict | None = None) -> str:
+def _fetch_url(url: str, dest: str, *, progress: Progress = True, storage_options: dict | None = None) -> str:
     """Copy the file or folder at ``url`` into ``dest`` with fsspec: resumable, size- and checksum-verified."""
     scheme = url.split("://", 1)[0].lower()
     try:

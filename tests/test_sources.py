@@ -326,3 +326,25 @@ def test_hf_url_from_the_loopback_hub_is_verified_by_lfs_sha256_and_git_blob_id(
     assert (tmp_path / "dl" / "__0_0.distcp").read_bytes() == big
     assert (tmp_path / "dl" / ".metadata").read_bytes() == META
     assert sorted(calls) == ["git-blob", "sha256"]
+
+
+def test_log_progress_prints_plain_lines_every_10_percent_or_30_seconds(capsys):
+    from hubconv.sources import _LogProgress
+
+    now = [0.0]
+    with _LogProgress(1000, clock=lambda: now[0]) as bar:
+        for _ in range(10):
+            bar.update(25)  # 25 % in 2.5 % steps: lines at 10 % and 20 %
+        now[0] = 31.0
+        bar.update(1)  # 30 s without a line
+        bar.update(749)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("(")[1].split("%")[0] for ln in lines] == ["10", "20", "25", "100"]
+    assert lines[-1].startswith("checkpoint: 1,000 / 1,000 bytes (100%")
+
+
+def test_release_assets_progress_in_log_mode(gh, tmp_path, capsys):
+    two_file_release(gh)
+    resolve(gh, tmp_path, progress="log")
+    total = len(META) + len(SHARD)
+    assert f"checkpoint: {total:,} / {total:,} bytes (100%" in capsys.readouterr().out
