@@ -55,3 +55,33 @@ def test_dockerfile_installs_with_the_constraints_and_torch_pinned() -> None:
     assert not re.search(r"^WORKDIR", text, re.M)  # GitHub sets the working directory to the workspace
     ignored = open(os.path.join(ROOT, ".dockerignore"), encoding="utf-8").read().split()
     assert "docker" not in ignored and "hubconv" not in ignored
+
+
+def test_action_yml_declares_exactly_what_the_entrypoint_reads_and_writes() -> None:
+    import yaml
+
+    from hubconv.action import INPUTS
+
+    with open(os.path.join(ROOT, "action.yml"), encoding="utf-8") as f:
+        action = yaml.safe_load(f)
+    assert action["runs"] == {"using": "docker", "image": "Dockerfile"}
+    assert set(action["inputs"]) == set(INPUTS)
+    assert all(spec.get("description") for spec in action["inputs"].values())
+    source = open(os.path.join(ROOT, "hubconv", "action.py"), encoding="utf-8").read()
+    written = set(re.findall(r'set_output\([^,]+, "([a-z-]+)"', source)) | set(
+        re.findall(r'\("([a-z-]+)", (?:str\()?pushed\.', source)
+    )
+    assert (
+        set(action["outputs"])
+        == written
+        == {
+            "repo-url",
+            "commit-url",
+            "commit-sha",
+            "hub-tag",
+            "pr-url",
+            "pr-number",
+            "smoke-status",
+            "report",
+        }
+    )
