@@ -32,11 +32,11 @@ RUN apt-get update \
 COPY pyproject.toml README.md /tmp/hubconv-src/
 COPY docker/constraints.txt /tmp/hubconv-src/docker/
 COPY hubconv /tmp/hubconv-src/hubconv
-# torch first (so the CPU build satisfies the package's torch requirement), then hubconv with every dependency at
-# the exact version of docker/constraints.txt (scripts/lock-image.sh); the sources and pip's build leftovers are
-# removed in the same layer.
+# torch first (so the CPU build satisfies the package's torch requirement), then hubconv with the fsspec backends
+# for checkpoint URLs (extra "remote": https, s3, gs) and every dependency at the exact version of
+# docker/constraints.txt (scripts/lock-image.sh); the sources and pip's build leftovers are removed in the same layer.
 RUN python3 -m pip install ${TORCH_SPEC} \
-    && python3 -m pip install -c /tmp/hubconv-src/docker/constraints.txt /tmp/hubconv-src \
+    && python3 -m pip install -c /tmp/hubconv-src/docker/constraints.txt "/tmp/hubconv-src[remote]" \
     && rm -rf /tmp/hubconv-src /root/.cache \
     && /usr/local/bin/hubconv --version \
     && python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

@@ -310,8 +310,12 @@ def _fetch_url(url: str, dest: str, *, progress: Progress = True, storage_option
         raise CheckpointError(f"checkpoint URL {_redact(url)} needs the 'fsspec' package: pip install {pkgs}") from None
     try:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        # HTTP has no folders: fsspec answers isdir() by fetching the URL and parsing links out of the body, which
+        # for a server that sends no Content-Type means reading a whole checkpoint into memory. A URL is a file unless
+        # it ends with "/" (then an HTML index is listed).
+        is_folder = url.endswith("/") if scheme in ("http", "https") else fs.isdir(root.rstrip("/") or root)
         root = root.rstrip("/") or root
-        if fs.isdir(root):
+        if is_folder:
             infos = {p: i for p, i in fs.find(root, detail=True).items() if i.get("type") != "directory"}
             base = root
         else:

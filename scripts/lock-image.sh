@@ -9,7 +9,7 @@ trap 'rm -rf "$WORK"' EXIT
 python3.11 -m venv "$WORK/venv" 2>/dev/null || python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
 "$WORK/venv/bin/python" -m pip install -q --disable-pip-version-check --dry-run --ignore-installed \
-    --report "$WORK/report.json" "torch==2.13.0" "$REPO"
+    --report "$WORK/report.json" "torch==2.13.0" "$REPO[remote]"
 "$WORK/venv/bin/python" - "$WORK/report.json" >"$REPO/docker/constraints.txt" <<'PY'
 import json
 import sys

@@ -27,7 +27,8 @@ def pins() -> dict[str, str]:
 
 def test_every_runtime_dependency_is_pinned_within_its_range() -> None:
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        deps = [Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]]
+        project = tomllib.load(f)["project"]
+    deps = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["remote"]]
     pinned = pins()
     for req in deps:
         name = canonicalize_name(req.name)
@@ -43,7 +44,7 @@ def test_every_runtime_dependency_is_pinned_within_its_range() -> None:
 
 def test_dockerfile_installs_with_the_constraints_and_torch_pinned() -> None:
     text = open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8").read()
-    assert re.search(r"pip install -c /tmp/hubconv-src/docker/constraints\.txt /tmp/hubconv-src", text)
+    assert re.search(r'pip install -c /tmp/hubconv-src/docker/constraints\.txt "/tmp/hubconv-src\[remote\]"', text)
     torch_spec = re.search(r'^ARG TORCH_SPEC="([^"]+)"', text, re.M).group(1)
     assert re.match(r"torch==\d+\.\d+\.\d+ ", torch_spec)
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:

@@ -348,3 +348,79 @@ def test_release_assets_progress_in_log_mode(gh, tmp_path, capsys):
     resolve(gh, tmp_path, progress="log")
     total = len(META) + len(SHARD)
     assert f"checkpoint: {total:,} / {total:,} bytes (100%" in capsys.readouterr().out
+
+
+class _RangeServer:
+    """A loopback HTTP file server with Range support that records each request's Range header."""
+
+    def __init__(self, files: dict[str, bytes], content_type: str | None = "application/octet-stream") -> None:
+        import http.server
+        import threading
+
+        self.files, self.requests = files, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, body: bool) -> None:
+                data = outer.files.get(self.path)
+                outer.requests.append((self.command, self.path, self.headers.get("Range")))
+                if data is None:
+                    self.send_error(404)
+                    return
+                start, end = 0, len(data) - 1
+                rng = self.headers.get("Range")
+                if rng:
+                    first, _, last = rng.removeprefix("bytes=").partition("-")
+                    start, end = int(first), min(int(last) if last else end, end)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Accept-Ranges", "bytes")
+                if content_type:
+                    self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(end - start + 1))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data[start : end + 1])
+
+            def do_GET(self) -> None:
+                self._send(True)
+
+            def do_HEAD(self) -> None:
+                self._send(False)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _RangeServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", None])
+def test_https_style_url_resumes_with_range_requests_and_checks_the_published_sha256(tmp_path, content_type):
+    pytest.importorskip("aiohttp")
+    data = os.urandom(3 << 20)
+    files = {"/ckpt/model.pt": data, "/ckpt/model.pt.sha256": _sums(**{"model.pt": data})}
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    (dest / "model.pt.part").write_bytes(data[: 1 << 20])  # an interrupted earlier run
+    with _RangeServer(files, content_type) as server:
+        out = resolve_checkpoint(f"{server.url}/ckpt/model.pt", str(tmp_path), dest=str(dest), progress=False)
+        ranges = [r for m, p, r in server.requests if m == "GET" and p == "/ckpt/model.pt"]
+    assert out == str(dest / "model.pt") and (dest / "model.pt").read_bytes() == data
+    # no request asked for the bytes the .part already had, and the URL was never fetched whole
+    assert ranges and all(r and int(r.removeprefix("bytes=").split("-")[0]) >= 1 << 20 for r in ranges)
+
+    files["/ckpt/model.pt.sha256"] = _sums(**{"model.pt": b"something else"})
+    with _RangeServer(files, content_type) as server, pytest.raises(CheckpointError, match="sha256 mismatch"):
+        resolve_checkpoint(f"{server.url}/ckpt/model.pt", str(tmp_path), dest=str(tmp_path / "dl2"), progress=False)
