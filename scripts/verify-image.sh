@@ -9,7 +9,7 @@
 # 3. `hubconv devhub` (a loopback Hub) from the repo's .venv, then the image's ENTRYPOINT under `buildah run` with a
 #    GitHub-like environment (release.published event, repo mounted at /github/workspace) on the host network;
 # 4. checks: exit 0, GITHUB_OUTPUT has commit-sha and smoke-status=pass, the Hub repo's main and the release tag
-#    point at that commit. Prints the image size and the time of each phase; exits non-zero on any failure.
+#    point at that commit, the fsspec backends for checkpoint URLs (https, s3, gs, hf) import in the image. Prints the image size and the time of each phase; exits non-zero on any failure.
 #
 # Environment (all optional): IMAGE (localhost/hubconv:verify), BASE_IMAGE (localhost/hubconv-base:bookworm),
 # DEBIAN_MIRROR (from the apt sources), WHEELS (pip's find-links, else /opt/wheels), TORCH_SPEC (pip arguments for
@@ -252,6 +252,10 @@ TAG_SHA=$(hub_sha "/revision/$TAG") || die "cannot read $HUB_REPO@$TAG from devh
 curl -fsS -o /dev/null -H "Authorization: Bearer $TOKEN" "$HUB/$HUB_REPO/resolve/$SHA/model.safetensors" \
     || die "model.safetensors is not in commit $SHA"
 echo "devhub $HUB_REPO: main = tag $TAG = $SHA (smoke-status $SMOKE)"
+# the fsspec backends the image ships for checkpoint URLs import (no network: classes only)
+"${BUILDAH[@]}" run --isolation chroot "$CTR" -- python3 -c \
+    'import fsspec; print("fsspec backends:", *[fsspec.get_filesystem_class(p).__name__ for p in ("https", "s3", "gs", "hf")])' \
+    || die "an fsspec backend is missing from the image"
 phase_end
 
 echo
