@@ -37,7 +37,6 @@ being errors.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import os
@@ -57,11 +56,11 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hubconv.dtypes import BY_NAME
 from hubconv.errors import HubconvError
+from hubconv.hashing import sha256_file
 from hubconv.io.safetensors_reader import read_header
 
 CARD_NAME = "README.md"
 TEMPLATE_NAME = "modelcard.md.j2"
-HASH_BLOCK = 8 * 1024 * 1024
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 
@@ -306,17 +305,6 @@ def _read_object(path: str, required: bool = False) -> dict | None:
     if value is not None and not isinstance(value, dict):
         raise HubconvError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
-
-
-def sha256_file(path: str, block: int = HASH_BLOCK) -> str:
-    """Hex sha256 of a file, read in `block`-byte pieces (the digest the Hub's LFS pointers record)."""
-    h = hashlib.sha256()
-    buf = bytearray(block)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def streamed_shards(model_dir: str) -> dict[str, dict[str, Any]]:

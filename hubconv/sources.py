@@ -12,7 +12,6 @@ or messages, and it is dropped when a download is redirected to another origin (
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ from urllib3.util.retry import Retry
 
 from hubconv.errors import CheckpointError
 from hubconv.github import Bot, GitHubContext, GitHubError
+from hubconv.hashing import git_blob_id, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +183,6 @@ def _progress(total: int, mode: Progress):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="checkpoint")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _origin(url: str) -> tuple[str, str]:
     parts = urllib.parse.urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
@@ -252,7 +244,7 @@ class _Downloader:
             os.remove(part)
             raise CheckpointError(f"release asset {name}: downloaded {got} bytes, expected {size}; removed it")
         if sha256 is not None:
-            actual = _sha256(part)
+            actual = sha256_file(part)
             if actual != sha256:
                 os.remove(part)
                 raise CheckpointError(
@@ -406,14 +398,7 @@ def _already_complete(path: str, size: int | None, expected: tuple[str, str] | N
 
 
 def _digest(path: str, kind: str) -> str:
-    if kind == "sha256":
-        return _sha256(path)
-    h = hashlib.sha1()
-    h.update(b"blob %d\0" % os.path.getsize(path))
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path) if kind == "sha256" else git_blob_id(path)
 
 
 def _copy_resumable(fs, src: str, target: str, size: int | None, expected, bar, *, label: str) -> None:
