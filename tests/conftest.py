@@ -1,4 +1,9 @@
+import json
+import os
+
 import pytest
+
+from tests.helpers import EXAMPLE_CONFIG, hubconv
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +28,16 @@ def loopback_hub_client(monkeypatch):
     no_sleep = types.SimpleNamespace(sleep=lambda s: None)
     monkeypatch.setattr(hf_http, "time", no_sleep)
     monkeypatch.setattr("hubconv.hub.time", no_sleep)
+
+
+@pytest.fixture(scope="session")
+def example_release(tmp_path_factory) -> str:
+    """One `release --dry-run` of the bundled example (with parity), built once per session.
+
+    Read-only: tests that change files copy it first."""
+    out = str(tmp_path_factory.mktemp("example-release") / "release")
+    r = hubconv("release", "--dry-run", "--config", EXAMPLE_CONFIG, "--output", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["smoke_status"] == "pass"
+    assert os.path.isfile(os.path.join(out, "smoke.json"))
+    return out

@@ -12,7 +12,7 @@ from hubconv.devhub import DevHub
 from hubconv.errors import HubconvError
 from hubconv.hub import REPORT_MARKER, push
 from hubconv.verify import verify_download
-from tests.test_release import EXAMPLE_SOURCE, hubconv
+from tests.helpers import EXAMPLE_SOURCE, hubconv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "tiny-llama3-torchtitan")
@@ -22,21 +22,9 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def release_dir(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("rel") / "release")
-    r = hubconv(
-        "release",
-        "--dry-run",
-        "--config",
-        os.path.join(EXAMPLE, ".hubconv.yml"),
-        "--output",
-        out,
-        "--quiet",
-        "--no-parity",
-    )
-    assert r.returncode == 0, r.stderr
-    return out
+@pytest.fixture
+def release_dir(example_release) -> str:
+    return example_release
 
 
 @pytest.fixture

@@ -6,33 +6,17 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE = os.path.join(ROOT, "examples", "tiny-llama3-torchtitan")
-# The bundled example as conversion flags (adapter, checkpoint, model args).
-EXAMPLE_SOURCE = [
-    "--adapter", "torchtitan",
-    "--checkpoint", os.path.join(EXAMPLE, "step-800"),
-    "--model-args", os.path.join(EXAMPLE, "model_args.yaml"),
-]  # fmt: skip
+from tests.helpers import EXAMPLE, EXAMPLE_SOURCE, hubconv
+
+__all__ = ["EXAMPLE_SOURCE", "hubconv"]
 
 
-def hubconv(*args: str, cwd: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the `hubconv` command line in a child process, capturing its output."""
-    return subprocess.run([sys.executable, "-m", "hubconv", *args], capture_output=True, text=True, cwd=cwd, env=env)
-
-
-@pytest.fixture(scope="module")
-def release(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("rel") / "release")
-    r = hubconv("release", "--dry-run", "--config", os.path.join(EXAMPLE, ".hubconv.yml"), "--output", out, "--json")
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
-    assert result["smoke_status"] == "pass"
-    return out
+@pytest.fixture
+def release(example_release) -> str:
+    return example_release
 
 
 def test_release_folder_is_complete_and_loads(release) -> None:
