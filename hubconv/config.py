@@ -1,19 +1,21 @@
 """`.hubconv.yml`: everything a release needs, validated with errors that name the field path and line.
 
 Every field can be overridden from the command line (`hubconv release --help`); a release can also
-run from flags alone. YAML is parsed with `yaml.SafeLoader` (through `compose`, which keeps line
-numbers for error messages).
+run from flags alone. YAML is parsed with `hubconv.safe_yaml` (a bounded `yaml.SafeLoader`, through
+`compose`, which keeps line numbers for error messages).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import types
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from hubconv import safe_yaml
 from hubconv.errors import HubconvError
 
 CONFIG_NAME = ".hubconv.yml"
@@ -130,6 +132,8 @@ def _convert(node: yaml.Node, tp: Any, path: str, file: str) -> Any:
         is_null = isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
         if is_null and len(options) < len(get_args(tp)):
             return None
+        if len(options) == 1:  # `X | None`: X's own message (it may be about the value, not the type)
+            return _convert(node, options[0], path, file)
         for option in options:
             try:
                 return _convert(node, option, path, file)
@@ -138,17 +142,18 @@ def _convert(node: yaml.Node, tp: Any, path: str, file: str) -> Any:
         raise fail(f"expected {' or '.join(_type_name(o) for o in options)}")
     if is_dataclass(tp):
         if tp is Prompt and isinstance(node, yaml.ScalarNode):
-            return Prompt(str(yaml.safe_load(yaml.serialize(node))))
+            return Prompt(str(safe_yaml.construct(node, file)))
         if not isinstance(node, yaml.MappingNode):
             raise fail("expected a mapping")
         hints = get_type_hints(tp)
         known = {f.name for f in fields(tp) if f.name != "source"}
         values: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            key = key_node.value
-            if key not in known:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key not in known or key in values:
+                problem = "given twice" if key in values else f"unknown field (known: {', '.join(sorted(known))})"
                 raise ConfigError(
-                    f"{path + '.' if path else ''}{key}: unknown field (known: {', '.join(sorted(known))})",
+                    f"{path + '.' if path else ''}{key or '(non-text key)'}: {problem}",
                     file,
                     key_node.start_mark.line + 1,
                 )
@@ -167,36 +172,61 @@ def _convert(node: yaml.Node, tp: Any, path: str, file: str) -> Any:
         if not isinstance(node, yaml.MappingNode):
             raise fail("expected a mapping")
         if value_tp is Any:
-            return yaml.safe_load(yaml.serialize(node))
+            return safe_yaml.construct(node, file)
+        if not all(isinstance(k, yaml.ScalarNode) for k, _ in node.value):
+            raise fail("keys must be plain text")
         return {str(k.value): _convert(v, value_tp, f"{path}.{k.value}", file) for k, v in node.value}
     if not isinstance(node, yaml.ScalarNode):
         raise fail(f"expected {_type_name(tp)}")
-    value = yaml.safe_load(yaml.serialize(node))
+    value = safe_yaml.construct(node, file)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # e.g. `max_shard_size: 500` or `revision: 1.0`
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise fail(f"expected {_type_name(tp)}, got {value!r}")
+    check = _VALUE_CHECKS.get(re.sub(r"\[\d+\]", "[]", path))
+    problem = check(value) if check else None
+    if problem:
+        raise fail(problem)
     return value
+
+
+def _size_problem(value: str) -> str | None:
+    from hubconv.io.writer import parse_size
+
+    try:
+        parse_size(value, option="max_shard_size")
+    except HubconvError as e:
+        return str(e).removeprefix("max_shard_size: ")
+    return None
+
+
+def regex_problem(value: str) -> str | None:
+    """Why `value` is not a valid regular expression, or None."""
+    try:
+        re.compile(value)
+    except re.error as e:
+        return f"invalid regular expression {value!r}: {e}"
+    return None
+
+
+# Values whose type alone does not make them valid: field path -> problem or None.
+_VALUE_CHECKS = {
+    "max_shard_size": _size_problem,
+    "smoke.max_new_tokens": lambda v: None if v >= 1 else f"must be at least 1, got {v}",
+    "smoke.prompts[].expect": regex_problem,
+    "smoke.positions": lambda v: None if v >= 64 else f"must be at least 64 (parity needs long contexts), got {v}",
+}
 
 
 def load_config(path: str) -> ReleaseConfig:
     """Parse and validate a `.hubconv.yml`; relative paths are resolved against its folder."""
     try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read config ({e.strerror})", path) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"invalid YAML: {getattr(e, 'problem', e)}", path, mark.line + 1 if mark else None) from None
-    if node is None:
-        cfg = ReleaseConfig()
-    else:
-        cfg = _convert(node, ReleaseConfig, "", path)
+        node = safe_yaml.compose(safe_yaml.read_text(path, "config"), path)
+        cfg = ReleaseConfig() if node is None else _convert(node, ReleaseConfig, "", path)
+    except safe_yaml.YamlFileError as e:
+        raise ConfigError(e.detail, e.file, e.line) from None
     cfg.source = path
     base = os.path.dirname(os.path.abspath(path))
     _resolve_paths(cfg, base)

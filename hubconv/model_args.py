@@ -7,28 +7,37 @@ import os
 import tomllib
 from typing import Any
 
-import yaml
-
+from hubconv import safe_yaml
 from hubconv.errors import ModelArgsError
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_args_file(path: str) -> dict[str, Any]:
-    """Parse a JSON, YAML or TOML file into a dict (YAML with safe_load)."""
+    """Parse a JSON, YAML or TOML file (UTF-8, at most `safe_yaml.MAX_BYTES`) into a dict; YAML through
+    the bounded safe loader. Every problem is a one-line ModelArgsError naming the file (and line)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ModelArgsError(f"{path}: cannot read model args ({e.strerror})") from None
-    ext = os.path.splitext(path)[1].lower()
+        text = safe_yaml.read_text(path, "model args")
+    except safe_yaml.YamlFileError as e:
+        raise ModelArgsError(str(e)) from None
     try:
+        ext = os.path.splitext(path)[1].lower()
         if ext == ".toml":
-            data = tomllib.loads(raw.decode())
+            data = tomllib.loads(text)
         elif ext == ".json":
-            data = json.loads(raw)
+            data = json.loads(text, parse_constant=_no_constant)
         else:
-            data = yaml.safe_load(raw)
-    except (ValueError, yaml.YAMLError) as e:
-        raise ModelArgsError(f"{path}: cannot parse model args: {e}") from None
+            data = safe_yaml.load_text(text, path)
+    except safe_yaml.YamlFileError as e:
+        where = f"line {e.line}: " if e.line else ""
+        raise ModelArgsError(f"{path}: cannot parse model args: {where}{e.detail}") from None
+    except json.JSONDecodeError as e:
+        raise ModelArgsError(f"{path}: cannot parse model args: line {e.lineno}: {e.msg} (column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        detail = " ".join(str(e).split()) or "nested too deeply"
+        raise ModelArgsError(f"{path}: cannot parse model args: {detail}") from None
     if not isinstance(data, dict):
         raise ModelArgsError(f"{path}: model args must be a mapping of field names to values")
     return data

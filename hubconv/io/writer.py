@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
+import re
 import struct
 import threading
 from collections.abc import Callable
@@ -77,22 +79,24 @@ class ShardPlan:
         return {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
 
 
-def parse_size(value: str | int) -> int:
-    """`5GB`, `500MB`, `2GiB` or a byte count -> bytes (GB = 10**9, like transformers)."""
-    if isinstance(value, int):
-        return value
-    s = value.strip().upper()
-    units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise OutputError(f"invalid size {value!r} (use e.g. 5GB, 500MB or a byte count)") from None
+_SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+_SIZE = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+)(?:E[+-]?\d+)?)\s*(GIB|MIB|KIB|GB|MB|KB|B)?")
+
+
+def parse_size(value: str | int, option: str = "--max-shard-size") -> int:
+    """`5GB`, `500MB`, `2GiB` or a byte count -> bytes (GB = 10**9, like transformers); a positive,
+    finite size or an OutputError naming `option`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = _SIZE.fullmatch(str(value).strip().upper())
+        number = float(m[1]) * _SIZE_UNITS[m[2] or "B"] if m else math.nan
+        if not math.isfinite(number):
+            raise OutputError(f"{option}: invalid size {value!r} (use e.g. 5GB, 500MB or a byte count)")
+        size = int(number)
+    if size <= 0:
+        raise OutputError(f"{option}: size must be positive, got {value!r}")
+    return size
 
 
 def plan_shards(
