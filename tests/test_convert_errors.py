@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 from hubconv import convert as convert_module
+from hubconv.adapters.registry import available
 from hubconv.convert import convert
-from hubconv.errors import CheckpointError, MappingError, ModelArgsError, OutputError
+from hubconv.errors import CheckpointError, HubconvError, MappingError, ModelArgsError, OutputError
 from tests.native import torchtitan_llama3 as tt
 from tests.test_torchtitan import tiny, user_args
 
@@ -195,5 +197,7 @@ def test_cli_reports_errors_without_traceback(tmp_path) -> None:
 
 
 def test_unknown_adapter(tmp_path, model) -> None:
-    with pytest.raises(Exception, match="unknown adapter 'megatrom'; available: torchtitan"):
+    names = list(available())
+    assert "torchtitan" in names and "megatrom" not in names
+    with pytest.raises(HubconvError, match=re.escape(f"unknown adapter 'megatrom'; available: {', '.join(names)}")):
         convert("megatrom", write(tmp_path, model[1]), str(tmp_path / "out"))

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from hubconv.adapters.registry import get
+from hubconv.adapters.registry import available, get
 from hubconv.adapters.torchtitan_flavors import LLAMA3_FLAVORS, llama3_ffn_hidden_dim
 from hubconv.cli import build_parser
 from hubconv.dtypes import F32
@@ -105,6 +105,9 @@ def test_every_command_has_help() -> None:
         assert r.returncode == 0 and "usage: hubconv" in r.stdout, name
 
 
-def test_adapters_command_lists_torchtitan() -> None:
+def test_adapters_command_lists_every_registered_adapter() -> None:
     r = subprocess.run([sys.executable, "-m", "hubconv", "adapters"], capture_output=True, text=True, check=True)
-    assert r.stdout.startswith("torchtitan ") and "Llama 3" in r.stdout
+    listed = {line.split()[0]: line for line in r.stdout.splitlines() if line and not line[0].isspace()}
+    registered = available()
+    assert "torchtitan" in registered and set(registered) <= set(listed)
+    assert "Llama 3" in listed["torchtitan"]

@@ -7,13 +7,13 @@ halves, so Q and K rows are permuted per head (K per *KV* head). Both key genera
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from hubconv.adapters import torchtitan_args
 from hubconv.adapters.base import Adapter, ConversionPlan, Drop, MappingTable, Rule
 from hubconv.adapters.registry import register
 from hubconv.adapters.torchtitan_flavors import (
@@ -25,7 +25,6 @@ from hubconv.adapters.torchtitan_flavors import (
 from hubconv.errors import MappingError, ModelArgsError
 from hubconv.io.checkpoint import Checkpoint
 from hubconv.io.tensor import LazyTensor, row_blocks
-from hubconv.model_args import load_args_file
 from hubconv.transforms import Target, rope_permute
 
 
@@ -67,63 +66,16 @@ TRAINING_DROPS = [
     Drop(r"(^|\.)freqs_cis$", "RoPE buffer; transformers recomputes it from rope_parameters"),
 ]
 
-# Native argument names accepted in --model-args, beyond TorchTitan's dataclass fields.
-_EXTRA_FIELDS = {"tie_word_embeddings", "bos_token_id", "eos_token_id", "rope_scaling", "flavor"}
 _REQUIRED_MSG = (
     "{field} cannot be determined from the checkpoint's tensor shapes; provide it in --model-args "
     '(a JSON/YAML file such as {{"{field}": ...}}, a TorchTitan job TOML, or a flavor name: {flavors})'
 )
 
 
-def _flavor(name: str) -> dict[str, Any]:
-    args = {k: (dict(v) if isinstance(v, dict) else v) for k, v in LLAMA3_DEFAULTS.items()}
-    args.update(LLAMA3_FLAVORS[name])
-    args["flavor"] = name
-    return args
-
-
 def load_llama3_args(value: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """--model-args value: a dict, a JSON/YAML file, a TorchTitan job TOML, or a flavor name."""
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        args = dict(value)
-    elif os.path.isfile(value):
-        args = load_args_file(value)
-        if isinstance(args.get("model"), dict) and "flavor" in args["model"]:  # TorchTitan job TOML
-            job = args
-            model = job["model"]
-            if model.get("name", "llama3") not in ("llama3", "llama3_ft"):
-                raise ModelArgsError(f"{value}: [model] name = {model['name']!r} is not a Llama 3 model")
-            if model["flavor"] not in LLAMA3_FLAVORS:
-                raise ModelArgsError(
-                    f"{value}: [model] flavor {model['flavor']!r} is unknown; known: {', '.join(LLAMA3_FLAVORS)}"
-                )
-            args = _flavor(model["flavor"])
-            seq_len = job.get("training", {}).get("seq_len")
-            if seq_len:
-                args["max_seq_len"] = int(seq_len)
-        elif "flavor" in args:
-            if args["flavor"] not in LLAMA3_FLAVORS:
-                raise ModelArgsError(
-                    f"{value}: flavor {args['flavor']!r} is unknown; known: {', '.join(LLAMA3_FLAVORS)}"
-                )
-            args = {**_flavor(args["flavor"]), **args}
-    elif value in LLAMA3_FLAVORS:
-        args = _flavor(value)
-    else:
-        raise ModelArgsError(
-            f"--model-args {value!r}: no such file, and not a TorchTitan llama3 flavor ({', '.join(LLAMA3_FLAVORS)})"
-        )
-    if "rope_scaling" in args:  # accept the shorter name too
-        args["rope_scaling_args"] = args.pop("rope_scaling")
-    unknown = sorted(set(args) - set(LLAMA3_DEFAULTS) - _EXTRA_FIELDS)
-    if unknown:
-        raise ModelArgsError(
-            f"--model-args: unknown field(s) {', '.join(unknown)}; TorchTitan llama3 fields are "
-            f"{', '.join(sorted(set(LLAMA3_DEFAULTS) | _EXTRA_FIELDS))}"
-        )
-    return args
+    """--model-args value: a dict, a JSON/YAML file, a TorchTitan job TOML, or a flavor / 0.3 config name,
+    in TorchTitan 0.2 or 0.3 spelling (see `hubconv.adapters.torchtitan_args`)."""
+    return torchtitan_args.load(value)
 
 
 def _same_data(a: LazyTensor, b: LazyTensor) -> bool:
@@ -161,31 +113,41 @@ class TorchTitanAdapter(Adapter):
 
     # ---- hyperparameters -------------------------------------------------------------------
     def resolve_args(self, tensors: Mapping[str, LazyTensor], user: Mapping[str, Any], where: str) -> dict[str, Any]:
-        """Combine user args with what the tensor shapes determine; contradictions are errors."""
+        """Combine user args with what the tensor shapes determine; contradictions are errors.
+
+        `user` is what `load_args` returns; a plain mapping is normalized (and validated) here too.
+        """
+        if torchtitan_args.SPELLING not in user:
+            user = torchtitan_args.normalize(user, "--model-args") if user else {}
+        spelling: Mapping[str, str] = user.get(torchtitan_args.SPELLING, {})
+
+        def label(field: str) -> str:
+            return spelling.get(field, field)
 
         def shape(key: str) -> tuple[int, ...]:
             if key not in tensors:
                 raise MappingError(f"{where}: missing tensor {key!r}")
             return tensors[key].shape
 
-        def check(field: str, from_shapes: Any, source: str) -> Any:
+        def check(field: str, from_shapes: Any, source: str, as_field: str | None = None, note: str = "") -> Any:
             given = user.get(field)
-            if given is not None and given != -1 and given != from_shapes:
+            if given is not None and not (field == "vocab_size" and given == -1) and given != from_shapes:
                 raise ModelArgsError(
-                    f"--model-args {field}={given} contradicts the checkpoint: {source} implies {field}={from_shapes}"
+                    f"--model-args {label(field)}={given} contradicts the checkpoint: {source} implies "
+                    f"{as_field or field}={from_shapes}{note}"
                 )
             return from_shapes
 
         flavors = ", ".join(LLAMA3_FLAVORS)
         qkv = "qkv_linear." if "layers.0.attention.qkv_linear.wq.weight" in tensors else ""
+        wq, wk = f"layers.0.attention.{qkv}wq.weight", f"layers.0.attention.{qkv}wk.weight"
         vocab, dim = shape("tok_embeddings.weight")
         layer_ids = {int(m.group(1)) for k in tensors if (m := re.match(r"^layers\.(\d+)\.", k))}
         n_layers = max(layer_ids) + 1 if layer_ids else 0
         if layer_ids != set(range(n_layers)) or not n_layers:
             missing = sorted(set(range(n_layers)) - layer_ids)
             raise MappingError(f"{where}: transformer layers are missing: {missing or 'all'}")
-        q_rows = shape(f"layers.0.attention.{qkv}wq.weight")[0]
-        kv_rows = shape(f"layers.0.attention.{qkv}wk.weight")[0]
+        q_rows, kv_rows = shape(wq)[0], shape(wk)[0]
         ffn = shape("layers.0.feed_forward.w1.weight")[0]
         a: dict[str, Any] = {
             "dim": check("dim", dim, f"tok_embeddings.weight {list((vocab, dim))}"),
@@ -193,32 +155,48 @@ class TorchTitanAdapter(Adapter):
             "n_layers": check("n_layers", n_layers, f"{n_layers} layers.N blocks"),
         }
         n_heads = user.get("n_heads")
+        stated_hd = next((f for f in ("head_dim", "rope_dim") if user.get(f) is not None), None)
+        if n_heads is None and stated_hd is not None:  # 0.3 states head_dim / rope.dim; n_heads follows
+            if q_rows % user[stated_hd]:
+                raise ModelArgsError(
+                    f"--model-args {label(stated_hd)}={user[stated_hd]} contradicts the checkpoint: {wq} has "
+                    f"{q_rows} rows, not a multiple of it"
+                )
+            n_heads = q_rows // user[stated_hd]
         if n_heads is None:
             raise ModelArgsError(_REQUIRED_MSG.format(field="n_heads", flavors=flavors))
         if q_rows % n_heads or (q_rows // n_heads) % 2:
             raise ModelArgsError(
-                f"--model-args n_heads={n_heads} contradicts the checkpoint: layers.0.attention.{qkv}wq.weight has "
+                f"--model-args {label('n_heads')}={n_heads} contradicts the checkpoint: {wq} has "
                 f"{q_rows} rows, not a multiple of 2*n_heads"
             )
         head_dim = q_rows // n_heads
+        implied = f"{wq} {list(shape(wq))} with n_heads={n_heads}"
+        check("head_dim", head_dim, implied)
+        check("rope_dim", head_dim, implied, as_field="head_dim", note=" (llama3's RoPE dim is head_dim)")
         if kv_rows % head_dim:
             raise ModelArgsError(
-                f"--model-args n_heads={n_heads} gives head_dim={head_dim}, but layers.0.attention.{qkv}wk.weight has "
+                f"--model-args {label('n_heads')}={n_heads} gives head_dim={head_dim}, but {wk} has "
                 f"{kv_rows} rows (not a multiple of head_dim)"
             )
         a["n_heads"], a["head_dim"] = n_heads, head_dim
-        a["n_kv_heads"] = check(
-            "n_kv_heads", kv_rows // head_dim, f"layers.0.attention.{qkv}wk.weight ({kv_rows} rows)"
-        )
+        a["n_kv_heads"] = check("n_kv_heads", kv_rows // head_dim, f"{wk} ({kv_rows} rows, head_dim={head_dim})")
+        if n_heads % a["n_kv_heads"]:
+            raise ModelArgsError(
+                f"--model-args {label('n_heads')}={n_heads} contradicts the checkpoint: {wk} implies "
+                f"n_kv_heads={a['n_kv_heads']}, which does not divide n_heads"
+            )
         if "multiple_of" in user or "ffn_dim_multiplier" in user:
             expect = llama3_ffn_hidden_dim(dim, user.get("multiple_of", 256), user.get("ffn_dim_multiplier"))
             if expect != ffn:
                 raise ModelArgsError(
-                    f"--model-args multiple_of={user.get('multiple_of', 256)}, ffn_dim_multiplier="
-                    f"{user.get('ffn_dim_multiplier')} give an FFN width of {expect}, but "
-                    f"layers.0.feed_forward.w1.weight has {ffn} rows"
+                    f"--model-args {label('multiple_of')}={user.get('multiple_of', 256)}, "
+                    f"{label('ffn_dim_multiplier')}={user.get('ffn_dim_multiplier')} give an FFN width of {expect}, "
+                    f"but layers.0.feed_forward.w1.weight has {ffn} rows"
                 )
-        a["ffn_hidden_dim"] = ffn
+        a["ffn_hidden_dim"] = check(
+            "ffn_hidden_dim", ffn, f"layers.0.feed_forward.w1.weight {list(shape('layers.0.feed_forward.w1.weight'))}"
+        )
         if user.get("rope_theta") is None:
             raise ModelArgsError(_REQUIRED_MSG.format(field="rope_theta", flavors=flavors))
         a["rope_theta"] = float(user["rope_theta"])
@@ -226,15 +204,11 @@ class TorchTitanAdapter(Adapter):
             raise ModelArgsError(
                 "rope_scaling_args cannot be determined from the checkpoint: current TorchTitan applies Llama 3.1 "
                 f"scaling by default ({LLAMA3_ROPE_SCALING_DEFAULTS}), versions before it applied none. Set "
-                "rope_scaling_args in --model-args to that mapping, or to null for unscaled RoPE"
+                "rope_scaling_args in --model-args to that mapping, or to null for unscaled RoPE "
+                "(TorchTitan 0.3 spelling: rope: {scaling: llama} or rope: {scaling: none})"
             )
         scaling = user["rope_scaling_args"]
-        if scaling is not None:
-            unknown = set(scaling) - set(LLAMA3_ROPE_SCALING_DEFAULTS)
-            if unknown:
-                raise ModelArgsError(f"--model-args rope_scaling_args: unknown field(s) {', '.join(sorted(unknown))}")
-            scaling = {**LLAMA3_ROPE_SCALING_DEFAULTS, **scaling}
-        a["rope_scaling_args"] = scaling
+        a["rope_scaling_args"] = None if scaling is None else {**LLAMA3_ROPE_SCALING_DEFAULTS, **scaling}
         a["norm_eps"] = float(user.get("norm_eps", LLAMA3_DEFAULTS["norm_eps"]))
         a["max_seq_len"] = int(user.get("max_seq_len", LLAMA3_DEFAULTS["max_seq_len"]))
         has_head = "output.weight" in tensors or "lm_head.weight" in tensors

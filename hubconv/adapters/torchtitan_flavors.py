@@ -34,6 +34,14 @@ Things to keep in mind:
   need ``rope_type="default"`` on the HF side.
 * 1B and 3B keep the default scaling factor of 8, whereas Meta's Llama-3.2 1B/3B
   HF configs use ``factor=32``.
+* TorchTitan 0.3 (branch ``release/0.3``, 0.3.0rc1, commit
+  ``4f9e9a47d49dfbcac960857dd67748c67aecd2e5``) keeps the flavors debugmodel, 1B, 3B, 8B,
+  70B and 405B in ``llama3/__init__.py`` (``llama3_configs``, same numbers, ``ComplexRoPE.Config(
+  dim=dim // n_heads, max_seq_len=131072, theta=500000, scaling="llama")``) and selects a
+  training job by ``--module llama3 --config llama3_debugmodel``: functions of
+  ``llama3/config_registry.py``, listed in :data:`LLAMA3_CONFIG_REGISTRY` with the flavor each
+  uses and its ``training.seq_len`` (to which the trainer resizes ``rope.max_seq_len``).
+  Main after 0.3 spells that ``max_context_length``.
 * ``ffn_hidden`` follows TorchTitan's ``FeedForward`` / ``compute_ffn_hidden_dim``:
   ``h = int(2 * 4 * dim / 3)``, then ``h = int(ffn_dim_multiplier * h)`` when a
   multiplier is set, then round ``h`` up to a multiple of ``multiple_of``.
@@ -44,11 +52,13 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "LLAMA3_CONFIG_REGISTRY",
     "LLAMA3_DEFAULTS",
     "LLAMA3_FLAVORS",
     "LLAMA3_NEWER_FLAVORS",
     "LLAMA3_ROPE_SCALING_DEFAULTS",
     "llama3_ffn_hidden_dim",
+    "llama3_registry_name",
     "resolve_llama3_flavor",
 ]
 
@@ -194,6 +204,38 @@ LLAMA3_NEWER_FLAVORS: dict[str, dict[str, Any]] = {
 }
 
 LLAMA3_FLAVORS.update(LLAMA3_NEWER_FLAVORS)
+
+#: TorchTitan 0.3 ``config_registry`` functions -> (model flavor, ``training.seq_len``).
+LLAMA3_CONFIG_REGISTRY: dict[str, tuple[str, int]] = {
+    **{
+        f"llama3_debugmodel{variant}": ("debugmodel", 2048)
+        for variant in (
+            "",
+            "_varlen_attn",
+            "_dist_gemm",
+            "_float8",
+            "_nvfp4",
+            "_first_85_pct_layers_nvfp4",
+            "_float8_emulate_lora",
+            "_ce_loss",
+        )
+    },
+    "sft_debugmodel": ("debugmodel", 2048),
+    **{f"llama3_8b{variant}": ("8B", 8192) for variant in ("", "_first_85_pct_layers_nvfp4", "_mxfp8")},
+    "llama3_70b": ("70B", 8192),
+    "llama3_405b": ("405B", 8192),
+}
+
+
+def llama3_registry_name(name: str) -> tuple[str, int | None] | None:
+    """A flavor (``8B``), a 0.3 config name (``llama3_8b``) or ``llama3_<flavor>`` (``llama3_1b``)
+    -> (flavor, training seq_len or None); None when the name is unknown."""
+    if name in LLAMA3_FLAVORS:
+        return name, None
+    if name in LLAMA3_CONFIG_REGISTRY:
+        return LLAMA3_CONFIG_REGISTRY[name]
+    by_lower = {f"llama3_{f.lower()}": f for f in LLAMA3_FLAVORS}
+    return (by_lower[name], None) if name in by_lower else None
 
 
 def llama3_ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
