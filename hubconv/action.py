@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hubconv.credentials import add_mask, clean_token, redact
 from hubconv.errors import HubconvError
 
 INPUTS = (
@@ -157,9 +158,9 @@ def annotate_error(e: HubconvError, workspace: str) -> None:
         rel = os.path.relpath(os.path.abspath(file), workspace)
         where = f"file={_escape_property(rel)}" + (f",line={line}" if line else "")
         detail = getattr(e, "detail", str(e))
-        print(f"::error {where}::{_escape_data(detail)}", flush=True)
+        print(f"::error {where}::{_escape_data(redact(detail))}", flush=True)
     else:
-        print(f"::error::{_escape_data(str(e))}", flush=True)
+        print(f"::error::{_escape_data(redact(str(e)))}", flush=True)
 
 
 def _config_args(inputs: Mapping[str, str | None], plan: EventPlan, workspace: str) -> argparse.Namespace:
@@ -206,9 +207,20 @@ def run_action(env: Mapping[str, str] | None = None) -> int:
     try:
         return _run(env, workspace)
     except HubconvError as e:
-        annotate_error(e, workspace)
-        write_summary(env.get("GITHUB_STEP_SUMMARY"), f"### hubconv: ❌ failed\n\n{_escape_md(str(e))}\n")
-        return 1
+        return run_action_failed(env, workspace, e)
+    except Exception as e:
+        if env.get("HUBCONV_DEBUG") == "1":
+            raise
+        # Not a user error, but still one redacted line: a library's exception text may carry a URL or header.
+        error = HubconvError(f"unexpected {type(e).__name__}: {' '.join(str(e).split())} (HUBCONV_DEBUG=1 shows more)")
+        return run_action_failed(env, workspace, error)
+
+
+def run_action_failed(env: Mapping[str, str], workspace: str, e: HubconvError) -> int:
+    """Report `e` as the step's error annotation and job summary; returns the exit code."""
+    annotate_error(e, workspace)
+    write_summary(env.get("GITHUB_STEP_SUMMARY"), f"### hubconv: ❌ failed\n\n{_escape_md(redact(str(e)))}\n")
+    return 1
 
 
 def _escape_md(text: str) -> str:
@@ -217,13 +229,11 @@ def _escape_md(text: str) -> str:
 
 def _run(env: dict[str, str], workspace: str) -> int:
     from hubconv.cli import release_config
-    from hubconv.hub import push
+    from hubconv.hub import HubFields, hub_endpoint, preflight, push
     from hubconv.release import ReleaseFailed, run_release
 
     inputs = read_inputs(env)
-    for secret in ("hf-token", "github-token"):
-        if inputs.get(secret):
-            print(f"::add-mask::{inputs[secret]}", flush=True)
+    _secret_inputs(inputs, env)
     event = env.get("GITHUB_EVENT_NAME", "")
     with open(env["GITHUB_EVENT_PATH"], encoding="utf-8") as f:
         payload = json.load(f)
@@ -240,8 +250,19 @@ def _run(env: dict[str, str], workspace: str) -> int:
         )
     plan.head_sha = plan.head_sha or head
     cfg = release_config(_config_args(inputs, plan, workspace))
-    if not plan.dry_run:
+    fields = HubFields(
+        repo_id="input `repo-id`" if inputs.get("repo-id") else "hub.repo_id",
+        endpoint="input `endpoint`" if inputs.get("endpoint") else "hub.endpoint",
+        token="input `hf-token`" if inputs.get("hf-token") else "HF_TOKEN",
+    )
+    token = inputs.get("hf-token") or clean_token(env.get("HF_TOKEN"), "HF_TOKEN")
+    if cfg.hub.endpoint:
+        cfg.hub.endpoint = hub_endpoint(cfg.hub.endpoint, fields.endpoint)
+    if not plan.dry_run:  # every Hub input is checked before the conversion, not after it
         cfg.require_hub()
+        if not token:
+            raise HubconvError("input `hf-token` is required to publish (or set dry-run: true)")
+        preflight(cfg.hub.repo_id, endpoint=cfg.hub.endpoint, token=token, fields=fields)
     disk = DiskReport(workspace)
     if cfg.checkpoint and (cfg.checkpoint.startswith("release-assets:") or "://" in cfg.checkpoint):
         from hubconv.github import GitHubContext
@@ -259,7 +280,7 @@ def _run(env: dict[str, str], workspace: str) -> int:
             tag=plan.tag,
             progress="log",
             hf_endpoint=cfg.hub.endpoint,
-            hf_token=inputs.get("hf-token") or env.get("HF_TOKEN"),
+            hf_token=token,
         )
         disk.fetched = _tree_bytes(cfg.checkpoint)
         print(f"checkpoint: {cfg.checkpoint} ({disk.fetched:,} bytes fetched)", flush=True)
@@ -278,9 +299,6 @@ def _run(env: dict[str, str], workspace: str) -> int:
     pushed = None
     if not plan.dry_run:
         print("::group::publish to the Hub", flush=True)
-        token = inputs.get("hf-token") or env.get("HF_TOKEN")
-        if not token:
-            raise HubconvError("input `hf-token` is required to publish (or set dry-run: true)")
         pushed = push(
             result.output,
             cfg.hub.repo_id,
@@ -291,10 +309,21 @@ def _run(env: dict[str, str], workspace: str) -> int:
             endpoint=cfg.hub.endpoint,
             token=token,
             report_md=report,
+            fields=fields,
         )
         print("::endgroup::", flush=True)
     _finish(env, inputs, plan, report, pushed, result.files, disk=disk)
     return 0
+
+
+def _secret_inputs(inputs: dict[str, str | None], env: Mapping[str, str]) -> None:
+    """Mask the tokens in the log (each line, before anything can fail), then clean them in place: surrounding
+    whitespace is dropped and a token with a control, whitespace or non-ASCII character inside is refused."""
+    for name in ("hf-token", "github-token"):
+        add_mask(inputs.get(name), always=True)
+    add_mask(env.get("HF_TOKEN"), always=True)
+    for name in ("hf-token", "github-token"):
+        inputs[name] = clean_token(inputs.get(name), f"input `{name}`")
 
 
 def _push_hint(plan: EventPlan) -> str:

@@ -1,8 +1,10 @@
 """GitHub bot: a sticky PR/issue report comment and release-note links, through PyGithub only.
 
 The token is only handed to ``github.Auth.Token``; it never appears in log records, exception messages or URLs
-(PyGithub masks the Authorization header in its own debug log). Every ``GithubException`` (and transport error after
-PyGithub's retries are exhausted) is re-raised as a :class:`~hubconv.errors.HubconvError` with the token scrubbed.
+(PyGithub masks the Authorization header in its own debug log). Surrounding whitespace is stripped and any other
+character that cannot be in a token is refused without showing it; the API URL must be http(s) without credentials.
+Every ``GithubException`` (and transport error after PyGithub's retries are exhausted) is re-raised as a
+:class:`~hubconv.errors.HubconvError` with the token, URL credentials and query strings scrubbed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from github.Issue import Issue
 from github.IssueComment import IssueComment
 from github.Repository import Repository
 
+from hubconv.credentials import add_mask, check_endpoint, clean_token, redact
 from hubconv.errors import HubconvError
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,10 @@ class GitHubContext:
     repository: str  # "owner/name"
     token: str = field(repr=False)
 
+    def __post_init__(self) -> None:
+        self.token = clean_token(self.token, "the GitHub token") or ""
+        self.api_url = check_endpoint(self.api_url, "GITHUB_API_URL")
+
     @classmethod
     def from_env(cls, token: str | None = None, env: Mapping[str, str] | None = None) -> GitHubContext:
         """GITHUB_API_URL (default api.github.com), GITHUB_REPOSITORY and a token (argument, else GITHUB_TOKEN)."""
@@ -51,7 +58,11 @@ class GitHubContext:
         repository = env.get("GITHUB_REPOSITORY", "").strip()
         if not re.fullmatch(r"[^/\s]+/[^/\s]+", repository):
             raise GitHubError(f"GITHUB_REPOSITORY must be 'owner/name', got {repository!r}")
-        token = token or env.get("GITHUB_TOKEN") or ""
+        field_name = "the GitHub token"
+        if not token:
+            token, field_name = env.get("GITHUB_TOKEN"), "GITHUB_TOKEN"
+        add_mask(token)
+        token = clean_token(token, field_name)
         if not token:
             raise GitHubError("no GitHub token: pass one or set GITHUB_TOKEN")
         api_url = (env.get("GITHUB_API_URL") or DEFAULT_API_URL).rstrip("/")
@@ -118,7 +129,8 @@ class Bot:
 
     # ------------------------------------------------------------------ helpers
     def _scrub(self, text: str) -> str:
-        return text.replace(self.ctx.token, "***") if self.ctx.token else text
+        """``text`` without the token, URL credentials or query strings (see ``hubconv.credentials.redact``)."""
+        return redact(text, self.ctx.token)
 
     def _fail(self, action: str, exc: Exception) -> GitHubError:
         if isinstance(exc, GithubException):

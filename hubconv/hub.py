@@ -10,8 +10,12 @@
 - `create_pr`: opens a Hub PR titled after the release; later runs for the same release commit to
   that PR's `refs/pr/N` instead of opening another, and the report comment is edited in place
   (found by a hidden marker), never posted twice.
-- The token comes from `HF_TOKEN` (or the caller); it is sent only in the Authorization header by
-  huggingface_hub, never printed, and masked in GitHub Actions logs.
+- The token comes from `HF_TOKEN` (or the caller); surrounding whitespace is stripped and any other character
+  that cannot be in a token is refused. It is sent only in the Authorization header by huggingface_hub, never
+  printed, and masked in GitHub Actions logs. The endpoint and repo id are checked before any request, and Hub
+  errors reach messages through `hubconv.credentials.redact` (no token, URL userinfo or query string).
+- The folder is checked before any request too: a folder with `config.json` and safetensors weights (every
+  shard the index names present), with no symlink leading outside it.
 - Transient failures (429, 5xx, dropped connections) are retried with backoff; uploads that
   already reached the server are not sent again.
 """
@@ -22,10 +26,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+from hubconv.credentials import add_mask, check_endpoint, check_repo_id, clean_token, redact, redact_url
 from hubconv.errors import HubconvError
 from hubconv.hashing import git_blob_id, sha256_file
 
@@ -60,14 +66,105 @@ class PushResult:
         return asdict(self)
 
 
-def hub_token(token: str | None = None) -> str:
-    """The Hub token from the argument or `HF_TOKEN`; masked in GitHub Actions logs."""
-    token = token or os.environ.get("HF_TOKEN")
+@dataclass(frozen=True)
+class HubFields:
+    """How the user spelled each Hub input, so that an error names the flag, config field or action input."""
+
+    repo_id: str = "--repo-id"
+    endpoint: str = "--endpoint"
+    token: str = "HF_TOKEN"
+
+
+CONFIG_FIELDS = HubFields(repo_id="hub.repo_id", endpoint="hub.endpoint")
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def hub_token(token: str | None = None, field: str = "the Hub token") -> str:
+    """The Hub token from the argument (named `field` in errors) or `HF_TOKEN`, without surrounding whitespace;
+    masked in GitHub Actions logs. A token with a control, whitespace or non-ASCII character inside is refused
+    without showing it."""
+    if not token:
+        token, field = os.environ.get("HF_TOKEN"), "HF_TOKEN"
+    add_mask(token)
+    token = clean_token(token, field)
     if not token:
         raise HubconvError("no Hub token: set the HF_TOKEN environment variable (a write token)")
-    if os.environ.get("GITHUB_ACTIONS") == "true":
-        print(f"::add-mask::{token}", flush=True)
     return token
+
+
+def hub_endpoint(endpoint: str | None, field: str = "--endpoint") -> str:
+    """The Hub URL from the argument (named `field` in errors), else `HF_ENDPOINT`, else huggingface.co; checked
+    (http/https, a host, no credentials, query or fragment) and without a trailing `/`."""
+    if endpoint:
+        return check_endpoint(endpoint.strip(), field)
+    if env := (os.environ.get("HF_ENDPOINT") or "").strip():
+        return check_endpoint(env, "HF_ENDPOINT")
+    return DEFAULT_ENDPOINT
+
+
+def preflight(
+    repo_id: str | None,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    fields: HubFields = HubFields(),
+    need_token: bool = True,
+) -> tuple[str, str, str | None]:
+    """Check the repo id, endpoint and (when `need_token`) token without any request: (repo_id, endpoint, token).
+    Run it before long work (conversion) so that a typo fails in a second, not after an hour."""
+    repo_id = check_repo_id(repo_id, fields.repo_id)
+    url = hub_endpoint(endpoint, fields.endpoint)
+    return repo_id, url, hub_token(token, fields.token) if need_token or token else None
+
+
+def check_folder(folder: str, streamed: Any = ()) -> None:
+    """Refuse to publish anything but a model folder: it exists, is a folder, has a `config.json` object and
+    safetensors weights (here or in `streamed`, the names of pre-uploaded shards); every shard a safetensors index
+    names is present; no symlink leads outside it."""
+    where = folder.rstrip("/\\") or folder
+    if not os.path.exists(folder):
+        raise HubconvError(f"{where}: no such folder (hubconv push publishes a release folder)")
+    if not os.path.isdir(folder):
+        raise HubconvError(f"{where}: not a folder (hubconv push publishes a release folder, not a file)")
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        raise HubconvError(
+            f"{where}: no config.json, not a model folder (build one with `hubconv convert` or `hubconv release`)"
+        )
+    _json_object(config)
+    weights = {n for n in os.listdir(folder) if n.endswith(".safetensors") and os.path.isfile(os.path.join(folder, n))}
+    weights |= set(streamed)
+    if not weights:
+        raise HubconvError(f"{where}: no weight files (*.safetensors), not a model folder")
+    root = os.path.realpath(folder)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors.index.json"):
+            index = os.path.join(folder, name)
+            weight_map = _json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise HubconvError(f"{index}: `weight_map` must be a non-empty object")
+            for tensor, shard in weight_map.items():
+                if not isinstance(shard, str) or shard not in weights:
+                    raise HubconvError(f"{index}: tensor {tensor!r} is in {shard!r}, which is not in the folder")
+    for dirpath, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in [*files, *dirs]:
+            path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            if os.path.islink(path) and os.path.commonpath([root, real]) != root:
+                rel = os.path.relpath(path, folder)
+                raise HubconvError(f"{where}: {rel} is a symlink leading outside the folder; refusing to publish it")
+
+
+def _json_object(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise HubconvError(f"{path}: not readable JSON ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise HubconvError(f"{path}: expected a JSON object")
+    return data
 
 
 def folder_files(folder: str) -> list[PushedFile]:
@@ -155,25 +252,50 @@ def upsert_report_comment(api: Any, repo_id: str, pr_number: int, report_md: str
     return api.comment_discussion(repo_id, pr_number, body).id
 
 
-def open_repo(repo_id: str, *, endpoint: str | None, token: str | None, private: bool = False) -> Any:
-    """An authenticated HfApi for `repo_id`, which exists afterwards (created if needed)."""
+def open_repo(
+    repo_id: str,
+    *,
+    endpoint: str | None,
+    token: str | None,
+    private: bool = False,
+    fields: HubFields = HubFields(),
+) -> Any:
+    """An authenticated HfApi for `repo_id`, which exists afterwards (created if needed). The inputs are checked
+    (`preflight`) before the first request."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    token = hub_token(token)
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    repo_id, endpoint, token = preflight(repo_id, endpoint=endpoint, token=token, fields=fields)
     _no_xet_on_loopback(endpoint)
     api = HfApi(endpoint=endpoint, token=token)
+    shown = redact_url(endpoint)
     try:
         with_retries("whoami", api.whoami)
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
-        raise HubconvError(f"{endpoint} rejected the Hub token (HTTP {status}); check HF_TOKEN") from None
-    try:
+        raise HubconvError(f"{shown} rejected the Hub token (HTTP {status}); check {fields.token}") from None
+    except Exception as e:
+        if not _transient(e) and not isinstance(e, OSError):
+            raise
+        raise HubconvError(f"cannot reach the Hub at {shown} ({fields.endpoint}): {_reason(e)}") from None
+    with hub_errors(f"cannot create or access {repo_id} on {shown}"):
         with_retries("create_repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
-    except HfHubHTTPError as e:
-        raise HubconvError(f"cannot create or access {repo_id} on {endpoint}: {_reason(e)}") from None
     return api
+
+
+@contextmanager
+def hub_errors(what: str) -> Iterator[None]:
+    """Turn a Hub HTTP or transport error into a one-line HubconvError (redacted), prefixed with `what`."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        yield
+    except HubconvError:
+        raise
+    except Exception as e:
+        if isinstance(e, (HfHubHTTPError, OSError)) or _transient(e) or type(e).__module__.startswith("httpx"):
+            raise HubconvError(f"{what}: {_reason(e)}") from None
+        raise
 
 
 def push(
@@ -190,14 +312,34 @@ def push(
     force: bool = False,
     report_md: str | None = None,
     preuploaded: list[Any] = (),  # type: ignore[assignment]
+    fields: HubFields = HubFields(),
 ) -> PushResult:
     """Publish `folder` to `repo_id`; see the module docstring for the guarantees.
 
     `preuploaded`: `CommitOperationAdd`s already sent with `preupload_lfs_files` (streamed shards
-    that no longer exist locally); the commit references them by sha256."""
+    that no longer exist locally); the commit references them by sha256. `fields` names the inputs in errors.
+    The folder, repo id, endpoint and token are checked before the first request."""
+    preflight(repo_id, endpoint=endpoint, token=token, fields=fields)
+    check_folder(folder, [op.path_in_repo for op in preuploaded])
+    api = open_repo(repo_id, endpoint=endpoint, token=token, private=private, fields=fields)
+    with hub_errors(f"publishing to {repo_id} on {redact_url(api.endpoint)} failed"):
+        return _push(api, folder, repo_id, revision, tag, create_pr, commit_message, force, report_md, preuploaded)
+
+
+def _push(
+    api: Any,
+    folder: str,
+    repo_id: str,
+    revision: str,
+    tag: str | None,
+    create_pr: bool,
+    commit_message: str | None,
+    force: bool,
+    report_md: str | None,
+    preuploaded: list[Any],
+) -> PushResult:
     from huggingface_hub import CommitOperationAdd
 
-    api = open_repo(repo_id, endpoint=endpoint, token=token, private=private)
     endpoint = api.endpoint
     repo_url = f"{endpoint}/{repo_id}"
     message = commit_message or (f"Release {tag} (hubconv)" if tag else "Upload model (hubconv)")
@@ -301,12 +443,14 @@ def report_markdown(folder: str, files: list[PushedFile]) -> str:
 
 
 def _reason(e: BaseException) -> str:
-    """An error's first line, without anything that could carry a token."""
+    """An error as one line, without anything that could carry a token (see `hubconv.credentials.redact`)."""
     server = getattr(e, "server_message", None)
     status = getattr(getattr(e, "response", None), "status_code", None)
     text = server or " ".join(line for line in str(e).splitlines() if line and "Request ID" not in line)
+    if not status and text:
+        text = f"{type(e).__name__}: {text}"
     text = f"HTTP {status}: {text}" if status else text or type(e).__name__
-    return text.replace(os.environ.get("HF_TOKEN") or "\0", "***")
+    return redact(" ".join(text.split()), os.environ.get("HF_TOKEN"))
 
 
 def _check_tag_free(

@@ -6,7 +6,8 @@
 - a URL (``s3://``, ``gs://``, ``hf://``, ``https://``, ``file://``...): copied with fsspec when it is installed.
 
 The GitHub token is only sent in an ``Authorization`` header, to the API host; it never appears in URLs, log records
-or messages, and it is dropped when a download is redirected to another origin (GitHub's storage host).
+or messages, and it is dropped when a download is redirected to another origin (GitHub's storage host). Every URL
+or exception text in a message goes through ``hubconv.credentials.redact`` (no userinfo, query string or token).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from github import GithubException
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from hubconv.errors import CheckpointError
+from hubconv.credentials import clean_token, redact, redact_url
+from hubconv.errors import CheckpointError, HubconvError
 from hubconv.github import Bot, GitHubContext, GitHubError
 from hubconv.hashing import git_blob_id, sha256_file
 
@@ -67,7 +69,12 @@ def resolve_checkpoint(
     if _URL_RE.match(spec):
         options = {}
         if spec.lower().startswith("hf://"):
-            options = {k: v for k, v in (("endpoint", hf_endpoint), ("token", hf_token)) if v}
+            from hubconv.hub import hub_endpoint
+
+            endpoint = hub_endpoint(hf_endpoint, "hub.endpoint")
+            field = "the Hub token" if hf_token else "HF_TOKEN"
+            token = clean_token(hf_token or os.environ.get("HF_TOKEN"), field)
+            options = {k: v for k, v in (("endpoint", endpoint), ("token", token)) if v}
         folder = dest or os.path.join(workspace, ".hubconv", "checkpoint")
         return _fetch_url(spec, folder, progress=progress, storage_options=options)
     path = spec if os.path.isabs(spec) else os.path.join(workspace, spec)
@@ -206,7 +213,7 @@ class _Downloader:
         self.session.close()
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self.ctx.token, "***")
+        return redact(text, self.ctx.token)
 
     def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
         """GET with redirects followed by hand: the token goes only to the API's origin."""
@@ -330,9 +337,12 @@ def _fetch_url(url: str, dest: str, *, progress: Progress = True, storage_option
                 _copy_resumable(fs, src, target, info.get("size"), expected, bar, label=f"{_redact(url)}: {rel}")
     except ImportError as exc:  # fsspec knows the scheme but its backend is missing
         extra = _FSSPEC_EXTRAS.get(scheme, str(exc))
-        raise CheckpointError(f"checkpoint URL {_redact(url)}: pip install {extra} ({exc})") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint URL {_redact(url)}: copy failed: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"checkpoint URL {_redact(url)}: pip install {extra} ({redact(str(exc))})") from None
+    except HubconvError:
+        raise
+    except Exception as exc:  # fsspec backends raise their own types (aiohttp, botocore, gcsfs...)
+        text = redact(" ".join(f"{type(exc).__name__}: {exc}".split()), (storage_options or {}).get("token"))
+        raise CheckpointError(f"checkpoint URL {_redact(url)}: copy failed: {text}") from None
     return _folder_result(dest)
 
 
@@ -433,9 +443,7 @@ def _copy_resumable(fs, src: str, target: str, size: int | None, expected, bar, 
 
 def _redact(url: str) -> str:
     """Drop user:password@ and the query string (presigned URLs carry credentials there)."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return redact_url(url)
 
 
 __all__ = ["download_release_assets", "parse_sha256sums", "resolve_checkpoint"]

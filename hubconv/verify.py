@@ -35,8 +35,12 @@ def verify_download(
     (from the download only when `compare_generation` is false: streamed shards are not kept locally)."""
     from huggingface_hub import snapshot_download
 
+    from hubconv.credentials import redact_url
+    from hubconv.hub import hub_errors
+
     with tempfile.TemporaryDirectory(prefix="hubconv-verify-") as tmp:
-        path = snapshot_download(repo_id, revision=revision, endpoint=endpoint, token=token, local_dir=tmp)
+        with hub_errors(f"downloading {repo_id}@{revision} from {redact_url(endpoint)} failed"):
+            path = snapshot_download(repo_id, revision=revision, endpoint=endpoint, token=token, local_dir=tmp)
         mismatched = []
         for name in sorted(os.listdir(local_dir)):
             local = os.path.join(local_dir, name)

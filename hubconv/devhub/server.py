@@ -9,6 +9,7 @@ import secrets
 import socket
 import threading
 import time
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,11 @@ class _Handler(BaseHTTPRequestHandler):
             response = error_response(e)
             response.close = True  # the request framing itself was invalid
         except Exception:
-            logger.exception("devhub: unhandled error on %s %s", method, redact_query(path))
+            hub._log(
+                logging.ERROR,
+                f"devhub: unhandled error on {method} {redact_query(path)}\n{traceback.format_exc()}",
+                token,
+            )
             response = error_response(HubError(500, "Internal Server Error"))
 
         if not dropped and response is not None and body is not None and not body.done:
@@ -276,6 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
             f"{status if status is not None else 'dropped'} in={body.bytes_read if body else 0} out={bytes_out}"
             f" auth={'Bearer ***' if token else '-'} user={user or '-'} {ms:.1f}ms"
             + (f" fault={fault}" if fault else ""),
+            token,
         )
 
         if dropped or response is None:
@@ -360,6 +366,8 @@ class DevHub:
         self.tokens = TokenRegistry()
         self.tokens.add(self.token, Identity(user, "write", tuple(orgs), "devhub-write", admin=True))
         self.tokens.add(self.read_token, Identity(user, "read", tuple(orgs), "devhub-read"))
+        self._secrets = [self.token, self.read_token]  # never logged (see _log)
+        self._secrets_lock = threading.Lock()
         self.faults = FaultInjector()
         self.request_log = RequestLog()
         self.app = HubApp(
@@ -450,8 +458,12 @@ class DevHub:
         return f"http://{host}:{self.port}"
 
     # -------------------------------------------------------------- logging (never logs tokens)
-    def _log(self, level: int, message: str) -> None:
-        for secret in (self.token, self.read_token):  # belt and braces: no code path should put them here
+    def _log(self, level: int, message: str, *secrets: str | None) -> None:
+        """Log to `hubconv.devhub` and the log file; every known token and `secrets` (e.g. the token a request
+        presented, known or not) are replaced by `***`, belt and braces: no code path should put them here."""
+        with self._secrets_lock:
+            known = [*self._secrets, *(s for s in secrets if s)]
+        for secret in sorted(known, key=len, reverse=True):
             message = message.replace(secret, "***")
         logger.log(level, message)
         if self.log_path is not None:
@@ -468,6 +480,8 @@ class DevHub:
             raise ValueError("role must be 'read' or 'write'")
         token = token or generate_token()
         self.tokens.add(token, Identity(user, role, tuple(orgs), f"devhub-{role}"))
+        with self._secrets_lock:
+            self._secrets.append(token)
         return token
 
     # -------------------------------------------------------------- faults
