@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import signal
 import sys
+import threading
+import traceback
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -120,6 +125,7 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
 
     if len(args.expect) > len(args.prompt):
         raise HubconvError("--expect given more often than --prompt")
+    _check_expect(args.expect)
     prompts = [Prompt(p, args.expect[i] if i < len(args.expect) else None) for i, p in enumerate(args.prompt)]
     native = None
     record_path = os.path.join(args.model_dir, "hubconv.json")
@@ -284,6 +290,15 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_release)
 
 
+def _check_expect(patterns: list[str]) -> None:
+    from hubconv.config import regex_problem
+
+    for pattern in patterns:
+        problem = regex_problem(pattern)
+        if problem:
+            raise HubconvError(f"--expect: {problem}")
+
+
 def release_config(args: argparse.Namespace) -> Any:
     """The config file (if any) with every given flag applied on top."""
     import os
@@ -303,6 +318,10 @@ def release_config(args: argparse.Namespace) -> Any:
     for flag, attr in top.items():
         if getattr(args, flag) is not None:
             setattr(cfg, attr, getattr(args, flag))
+    if args.max_shard_size is not None:
+        from hubconv.io.writer import parse_size
+
+        parse_size(args.max_shard_size)
     for flag, attr in {
         "tokenizer": "path",
         "tokenizer_kind": "kind",
@@ -315,6 +334,7 @@ def release_config(args: argparse.Namespace) -> Any:
         expects = args.expect or []
         if len(expects) > len(args.prompt):
             raise HubconvError("--expect given more often than --prompt")
+        _check_expect(expects)
         cfg.smoke.prompts = [Prompt(p, expects[i] if i < len(expects) else None) for i, p in enumerate(args.prompt)]
     for flag in ("max_new_tokens", "positions", "device"):
         if getattr(args, flag) is not None:
@@ -522,13 +542,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so every `finally` removes its staging folder."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _one_line(message: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", message.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; errors are one `hubconv: error:` line and exit 1 (SIGINT 130, SIGTERM 143).
+    HUBCONV_DEBUG=1 adds the traceback."""
     args = build_parser().parse_args(argv)
+    debug = os.environ.get("HUBCONV_DEBUG", "") not in ("", "0")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return int(args.func(args) or 0)
     except HubconvError as e:
-        print(f"hubconv: error: {e}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"hubconv: error: {_one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("hubconv: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("hubconv: terminated", file=sys.stderr)
+        return 143
+    except Exception as e:  # a bug or an unforeseen input: still one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (set HUBCONV_DEBUG=1 to see the traceback)"
+        print(f"hubconv: error: {type(e).__name__}: {_one_line(str(e))}{hint}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

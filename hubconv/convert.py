@@ -14,7 +14,7 @@ from typing import Any
 from hubconv import __version__
 from hubconv.adapters import registry
 from hubconv.adapters.base import ConversionPlan
-from hubconv.atomic import publish_dir, staging_dir
+from hubconv.atomic import prepare_output, publish_dir, staging_dir
 from hubconv.dtypes import DType, parse_user_dtype
 from hubconv.errors import HubconvError, OutputError
 from hubconv.hf_target import TargetCheck, compare
@@ -67,10 +67,11 @@ def _run(
             shard_bytes,
             {"format": "pt", "converted_by": f"hubconv {__version__}", "source_adapter": plan.adapter},
         )
-        staging = staging_dir(output, "tmp")
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = None
         check: TargetCheck | None = None
         try:
+            staging = staging_dir(output, "tmp")
+            shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging)
             _check_free_space(staging, shards, streaming=sink is not None)
             check = TargetCheck(
@@ -97,7 +98,8 @@ def _run(
         finally:
             if check is not None:
                 check.cancel()
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
     return plan
 
 
@@ -117,8 +119,7 @@ def convert(
 ) -> ConvertResult:
     """Convert `checkpoint` with `adapter` into the HF folder `output` (written atomically)."""
     start = time.monotonic()
-    if os.path.exists(output) and not overwrite:
-        raise OutputError(f"{output}: already exists (pass --overwrite to replace it)")
+    prepare_output(output, overwrite, input_paths(checkpoint, tokenizer, model_args))
     out_dtype = parse_user_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     plan = _run(adapter, checkpoint, output, model_args, out_dtype, shard_bytes, progress, use_cache, tokenizer, sink)
@@ -134,6 +135,18 @@ def convert(
         time.monotonic() - start,
         plan.notes,
     )
+
+
+def input_paths(
+    checkpoint: str | None, tokenizer: str | None, model_args: str | Mapping[str, Any] | None
+) -> dict[str, str | None]:
+    """The local paths a conversion reads, by label, for `prepare_output` (a model-args flavor name that
+    is not a path is skipped there)."""
+    return {
+        "checkpoint": checkpoint,
+        "tokenizer": tokenizer,
+        "model args file": model_args if isinstance(model_args, str) else None,
+    }
 
 
 def _add_tokenizer(source: str, folder: str, plan: ConversionPlan) -> list[str]:

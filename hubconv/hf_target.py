@@ -1,22 +1,29 @@
 """The target architecture as transformers defines it: config files and expected parameters.
 
 Importing transformers and torch costs seconds, so `hubconv convert` asks a child process for
-it while it streams tensors: the child builds the real config class (writing `config.json` and
-`generation_config.json`) and instantiates the model on the meta device to list every parameter
-it expects with its shape. The parent checks its plan against that list before publishing the
-output folder. The answer depends only on the request and the transformers version, so it is
-cached (`$HUBCONV_CACHE_DIR`, default `~/.cache/hubconv`): re-releasing the same architecture
-skips the child entirely.
+it while it streams tensors: the child builds the real config class (rendering `config.json` and
+`generation_config.json` in a private temporary folder) and instantiates the model on the meta
+device to list every parameter it expects with its shape; it returns all of it on stdout, and the
+parent writes the two files into its staging folder. The child never writes there, and it dies
+with its parent (`PR_SET_PDEATHSIG` on Linux, plus a watchdog on the parent pid), so an
+interrupted or killed run leaves nothing running and nothing written behind. The parent checks
+its plan against the parameter list before publishing the output folder. The answer depends only
+on the request and the transformers version, so it is cached (`$HUBCONV_CACHE_DIR`, default
+`~/.cache/hubconv`): re-releasing the same architecture skips the child entirely.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -66,19 +73,14 @@ class TargetCheck:
         *,
         use_cache: bool = True,
     ) -> None:
-        self._request = {
-            "model_type": model_type,
-            "config": config,
-            "generation": generation,
-            "out_dir": out_dir,
-            "dtype": dtype,
-        }
+        self._request = {"model_type": model_type, "config": config, "generation": generation, "dtype": dtype}
+        self._out_dir = out_dir
         self._proc: subprocess.Popen[str] | None = None
         self._key = _cache_key(self._request) if use_cache else None
         self._hit = self._load_cached()
         if self._hit is None:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "hubconv.hf_target"],
+                [sys.executable, "-m", "hubconv.hf_target", str(os.getpid())],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -99,28 +101,28 @@ class TargetCheck:
         try:
             with open(path) as f:
                 entry = json.load(f)
-            for name in CONFIG_FILES:
-                with open(os.path.join(self._request["out_dir"], name), "w") as f:
-                    f.write(entry["files"][name])
+            self._write_files(entry["files"])
             return TargetSpec(
                 {k: tuple(v) for k, v in entry["params"].items()}, entry["architecture"], entry["version"], True
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None  # unreadable cache entry: ask transformers again
 
+    def _write_files(self, files: dict[str, str]) -> None:
+        texts = {name: files[name] for name in CONFIG_FILES}  # KeyError before anything is written
+        for name, text in texts.items():
+            with open(os.path.join(self._out_dir, name), "w") as f:
+                f.write(text)
+
     def _store(self, data: dict[str, Any]) -> None:
         path = self._path()
         if not path:
             return
         try:
-            files = {}
-            for name in CONFIG_FILES:
-                with open(os.path.join(self._request["out_dir"], name)) as f:
-                    files[name] = f.read()
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
             with os.fdopen(fd, "w") as f:
-                json.dump({**data, "files": files}, f)
+                json.dump(data, f)
             os.replace(tmp, path)
         except OSError:
             pass  # a cache that cannot be written is only slower
@@ -134,6 +136,7 @@ class TargetCheck:
             last = err.strip().splitlines()[-1] if err.strip() else f"exit code {self._proc.returncode}"
             raise HubconvError(f"transformers rejected the target config: {last}")
         data = json.loads(out)
+        self._write_files(data["files"])
         self._store(data)
         return TargetSpec({k: tuple(v) for k, v in data["params"].items()}, data["architecture"], data["version"])
 
@@ -161,7 +164,29 @@ def compare(spec: TargetSpec, produced: dict[str, tuple[int, ...]]) -> None:
         raise MappingError(f"output does not match {spec.architecture}: " + "; ".join(problems))
 
 
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(0.2)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def die_with_parent(parent: int) -> None:
+    """Exit when process `parent` does: the kernel kills this process (Linux `PR_SET_PDEATHSIG`), and a
+    watchdog thread checks the parent pid everywhere else. Exits at once if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # died before the prctl call
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="hubconv-parent-watch").start()
+
+
 def _main() -> None:
+    if len(sys.argv) > 1:
+        die_with_parent(int(sys.argv[1]))
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers import __version__ as tf_version
@@ -169,17 +194,23 @@ def _main() -> None:
     req = json.load(sys.stdin)
     config = AutoConfig.for_model(req["model_type"], **req["config"])
     config.dtype = req["dtype"]
-    config.save_pretrained(req["out_dir"])
     gen = GenerationConfig.from_model_config(config)
     for k, v in req["generation"].items():
         setattr(gen, k, v)
-    gen.save_pretrained(req["out_dir"])
+    with tempfile.TemporaryDirectory(prefix="hubconv-target-") as tmp:  # private: never the parent's folder
+        config.save_pretrained(tmp)
+        gen.save_pretrained(tmp)
+        files = {}
+        for name in CONFIG_FILES:
+            with open(os.path.join(tmp, name)) as f:
+                files[name] = f.read()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = {name: list(p.shape) for name, p in model.named_parameters()}
     persistent = model.state_dict()
     params.update({name: list(b.shape) for name, b in model.named_buffers() if name in persistent})
-    json.dump({"params": params, "architecture": type(model).__name__, "version": tf_version}, sys.stdout)
+    answer = {"params": params, "architecture": type(model).__name__, "version": tf_version, "files": files}
+    json.dump(answer, sys.stdout)
 
 
 if __name__ == "__main__":

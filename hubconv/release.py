@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hubconv import __version__
-from hubconv.atomic import publish_dir, staging_dir
+from hubconv.atomic import prepare_output, publish_dir, staging_dir
 from hubconv.config import ReleaseConfig
-from hubconv.convert import ConvertResult, convert
+from hubconv.convert import ConvertResult, convert, input_paths
 from hubconv.errors import HubconvError, OutputError
-from hubconv.io.writer import ShardSink
+from hubconv.io.writer import ShardSink, parse_size
 
 
 @dataclass
@@ -114,13 +114,17 @@ def run_release(
 
     cfg.require("adapter", "checkpoint")
     assert cfg.adapter is not None and cfg.checkpoint is not None
-    if os.path.exists(cfg.output) and not overwrite:
-        raise OutputError(f"{cfg.output}: already exists (pass --overwrite to replace it)")
-    staging = staging_dir(cfg.output, "release")
-    shutil.rmtree(staging, ignore_errors=True)
+    inputs = input_paths(cfg.checkpoint, cfg.tokenizer.path, cfg.model_args)
+    inputs.update({"config file": cfg.source, "card template": cfg.card.template})
+    inputs.update({f"card section {k}": v for k, v in cfg.card.extra_sections.items() if v.endswith(".md")})
+    prepare_output(cfg.output, overwrite, inputs)
+    parse_size(cfg.max_shard_size, option="max_shard_size")
+    staging: str | None = None
     checks: list[StageCheck] = []
     started = time.time()
     try:
+        staging = staging_dir(cfg.output, "release")
+        shutil.rmtree(staging, ignore_errors=True)
         conversion = convert(
             cfg.adapter,
             cfg.checkpoint,
@@ -206,8 +210,11 @@ def run_release(
         write_card(staging, card_fields(cfg), provenance)
         checks.append(StageCheck("card", "README.md", "pass", "metadata validated locally"))
         publish_dir(staging, cfg.output)
+    except OSError as e:
+        raise OutputError(f"{e.filename or cfg.output}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     result.files = {
         n: os.path.getsize(os.path.join(cfg.output, n)) for n in sorted(os.listdir(cfg.output)) if not n.startswith(".")
     }
