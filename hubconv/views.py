@@ -395,10 +395,15 @@ class Elementwise(View):
         return self.fn(read_box(self.src, r0, r1, c0, c1))
 
 
+def rename(src: LazyTensor, name: str) -> View:
+    """`src` unchanged under another name (its file segments kept)."""
+    return Rows(name, [src], [Piece(0, 0, _nrows(src))]) if src.shape else _Same(src, name)
+
+
 def cast(src: LazyTensor, dtype: DType, name: str | None = None) -> View:
     """`src` converted to `dtype` (round-to-nearest-even; float16 overflow is an error)."""
     if dtype is src.dtype:
-        return Rows(name or src.name, [src], [Piece(0, 0, _nrows(src))]) if src.shape else _Same(src, name)
+        return rename(src, name or src.name)
     what = name or src.name
     return Elementwise(what, src, dtype, lambda raw: cast_raw(raw, src.dtype, dtype, what=what))
 
