@@ -1,4 +1,11 @@
-"""The reader interface every checkpoint format implements, and format detection."""
+"""The reader interface every checkpoint format implements, and format detection.
+
+Readers treat the checkpoint as hostile input: every file a reader opens because the checkpoint's
+own metadata or listing names it goes through `hubconv.io.paths.confined` (it must resolve inside
+the folder the user named), and every size, offset and shape is validated before bytes are read,
+with a one-line CheckpointError naming the file and tensor otherwise. New readers (Megatron rank
+folders, tar members) follow the same rules.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +55,7 @@ def open_checkpoint(path: str) -> Checkpoint:
             from hubconv.io.dcp import open_dcp
 
             return open_dcp(path)
-        if any(n.endswith(".safetensors") for n in names):
+        if "model.safetensors.index.json" in names or any(n.endswith(".safetensors") for n in names):
             from hubconv.io.safetensors_reader import open_safetensors
 
             return open_safetensors(path)
