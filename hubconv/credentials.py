@@ -137,7 +137,7 @@ def check_repo_id(repo_id: str | None, field: str) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        reason = " ".join(str(e).replace(f": '{repo_id}'", "").split()).rstrip(".")
+        reason = " ".join(str(e).replace(f": '{repo_id}'", "").split()).split(". Use `repo_type`")[0].rstrip(".")
         raise InputError(f"{field}: {repo_id!r} is not a valid Hub repo id ({reason})") from None
     if "/" not in repo_id:
         raise InputError(
