@@ -58,7 +58,10 @@ class _Window(io.RawIOBase):
         return self.pos
 
     def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        new = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        if new < 0:  # never read in front of the record
+            raise OSError(f"negative seek position {new} in a tensor record")
+        self.pos = new
         return self.pos
 
     def readinto(self, b: Any) -> int:

@@ -49,11 +49,13 @@ class SafetensorsTensor:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
 
 
@@ -70,32 +72,37 @@ def load_json_object(data: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _are_counts(values: list[Any]) -> bool:
+    """All non-negative ints (JSON gives exact ints; `type(...) is int` also rules out bools)."""
+    return all(type(v) is int and v >= 0 for v in values)
 
 
 def _entry(path: str, name: str, spec: object) -> tuple[DType, tuple[int, ...], int, int]:
     """(dtype, shape, begin, end) of one header entry, each field checked."""
-    where = f"{path}: tensor {name!r}"
-    if not isinstance(spec, dict):
-        raise CheckpointError(f"{where}: header entry must be an object, not {spec!r}")
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r}: {problem}")
+
+    if type(spec) is not dict:
+        raise bad(f"header entry must be an object, not {spec!r}")
     dtype_name, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if not isinstance(dtype_name, str) or dtype_name not in BY_NAME:
-        raise CheckpointError(f"{where}: unsupported dtype {dtype_name!r}")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, not {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise CheckpointError(f"{where}: data_offsets must be two non-negative integers, not {offsets!r}")
+    dtype = BY_NAME.get(dtype_name) if type(dtype_name) is str else None
+    if dtype is None:
+        raise bad(f"unsupported dtype {dtype_name!r}")
+    if type(shape) is not list or not _are_counts(shape):
+        raise bad(f"shape must be a list of non-negative integers, not {shape!r}")
+    if not (type(offsets) is list and len(offsets) == 2 and _are_counts(offsets)):
+        raise bad(f"data_offsets must be two non-negative integers, not {offsets!r}")
     begin, end = offsets
-    dtype = BY_NAME[dtype_name]
     if end < begin:
-        raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
-    if end - begin != numel(tuple(shape)) * dtype.itemsize:
-        raise CheckpointError(
-            f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but {dtype_name} {shape} "
-            f"needs {numel(tuple(shape)) * dtype.itemsize}"
+        raise bad(f"data_offsets [{begin}, {end}] end before they begin")
+    dims = tuple(shape)
+    if end - begin != numel(dims) * dtype.itemsize:
+        raise bad(
+            f"data_offsets [{begin}, {end}] hold {end - begin} bytes, but {dtype_name} {shape} "
+            f"needs {numel(dims) * dtype.itemsize}"
         )
-    return dtype, tuple(shape), begin, end
+    return dtype, dims, begin, end
 
 
 def read_header(path: str) -> tuple[dict, int]:
