@@ -364,8 +364,16 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from hubconv.release import ReleaseFailed, run_release, summary_text
 
     cfg = release_config(args)
-    if not args.dry_run:
+    if not args.dry_run:  # a typo in the Hub inputs fails now, not after the conversion
+        from hubconv.hub import CONFIG_FIELDS, HubFields, preflight
+
         cfg.require_hub()
+        fields = HubFields(
+            repo_id="--repo-id" if args.repo_id else CONFIG_FIELDS.repo_id,
+            endpoint="--endpoint" if args.endpoint else CONFIG_FIELDS.endpoint,
+        )
+        local = bool(args.local_hub)
+        preflight(cfg.hub.repo_id, endpoint=None if local else cfg.hub.endpoint, fields=fields, need_token=not local)
     hub_ctx: Any = contextlib.nullcontext(None)
     if args.local_hub and not args.dry_run:
         from hubconv.devhub import DevHub
