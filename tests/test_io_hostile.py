@@ -474,7 +474,7 @@ RSS_PROBE = textwrap.dedent(
         except CheckpointError as e:
             print("refused", e)
     print(peak() - before)
-    if sys.argv[2] == "inflate":  # the control: what plain zipfile does with the same record
+    if sys.argv[2] == "inflate":  # the control: what plain zipfile makes of the same record
         ck = open_checkpoint(sys.argv[1])
         c = ck.tensors["norm.weight"]._chunks[0]
         with open(c.path, "rb") as f:
@@ -482,8 +482,7 @@ RSS_PROBE = textwrap.dedent(
             data = f.read(c.item_length)
         import io
         zf = zipfile.ZipFile(io.BytesIO(data))
-        zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
-        print(peak() - before)
+        print(len(zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))))
     """
 )
 
@@ -495,10 +494,10 @@ def test_dcp_record_deflate_bomb_does_not_grow_memory(dcp_ckpt) -> None:
     r = subprocess.run(
         [sys.executable, "-c", RSS_PROBE, str(dcp_ckpt), "inflate"], capture_output=True, text=True, check=True
     )
-    verdict, guarded, unguarded = r.stdout.strip().splitlines()
+    verdict, guarded, inflates_to = r.stdout.strip().splitlines()
     assert verdict.startswith("refused") and "is compressed and declares 268435456 bytes" in verdict
-    assert int(guarded) < 16 << 20, guarded
-    assert int(unguarded) > inflated // 2, unguarded  # control: the record really is a bomb
+    assert int(guarded) < 16 << 20, guarded  # peak RSS growth while refusing it
+    assert int(inflates_to) == inflated  # control: plain zipfile really inflates the record to 256 MiB
 
 
 def test_dcp_record_bomb_with_a_lying_size_is_bounded(dcp_ckpt) -> None:
