@@ -664,3 +664,15 @@ def test_hubconv_writer_output_reads_back_through_its_index(tmp_path) -> None:
         assert sorted(ck.tensors) == sorted(arrays)
         for name, a in arrays.items():
             assert np.array_equal(read_all(ck.tensors[name]), a)
+
+
+def test_metadata_and_index_symlinked_outside_are_refused(tmp_path, dcp_ckpt) -> None:
+    shutil.move(dcp_ckpt / ".metadata", tmp_path / "foreign.metadata")
+    (dcp_ckpt / ".metadata").symlink_to(tmp_path / "foreign.metadata")
+    with pytest.raises(CheckpointError, match=r"ck/\.metadata: file leaves the checkpoint folder"):
+        open_checkpoint(str(dcp_ckpt))
+    folder = sharded_folder(tmp_path)
+    shutil.move(folder / "model.safetensors.index.json", tmp_path / "index.json")
+    (folder / "model.safetensors.index.json").symlink_to(tmp_path / "index.json")
+    with pytest.raises(CheckpointError, match=r"index\.json: file leaves the checkpoint folder"):
+        open_checkpoint(str(folder))

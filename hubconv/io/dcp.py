@@ -244,9 +244,11 @@ def _check_tiling(shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tup
             raise CheckpointError(f"{what}: chunks overlap (and leave a gap in the shape {shape})")
 
 
-def _load_metadata(meta_path: str) -> tuple[dict[str, Any], dict[tuple[str, tuple[int, ...]], dict[str, Any]]]:
+def _load_metadata(
+    meta_path: str, real_path: str
+) -> tuple[dict[str, Any], dict[tuple[str, tuple[int, ...]], dict[str, Any]]]:
     """(state_dict_metadata, storage info by (fqn, chunk offsets)) from `.metadata`, structurally checked."""
-    with open(meta_path, "rb") as f:
+    with open(real_path, "rb") as f:
         raw = f.read()
     try:
         md = safe_pickle.loads(raw, meta_path)
@@ -274,9 +276,10 @@ def open_dcp(path: str) -> Checkpoint:
     every offset, length, shape and chunk box is checked before any tensor byte is read.
     """
     meta_path = os.path.join(path, ".metadata")
-    if not os.path.isfile(meta_path):
+    real_meta = confined(path, ".metadata", f"{meta_path}: file")
+    if not os.path.isfile(real_meta):
         raise CheckpointError(f"{meta_path}: missing; a DCP checkpoint folder needs its .metadata file")
-    sd_meta, where = _load_metadata(meta_path)
+    sd_meta, where = _load_metadata(meta_path, real_meta)
 
     pool = FilePool()
     sizes: dict[str, int] = {}

@@ -161,8 +161,9 @@ def _validate(path: str, header: dict[str, Any], data_bytes: int) -> dict[str, t
 def _read_index(folder: str) -> dict[str, list[str]]:
     """{file (confined real path): [tensor names]} from the folder's index `weight_map`."""
     index_path = os.path.join(folder, INDEX_NAME)
+    real_index = confined(folder, INDEX_NAME, f"{index_path}: file")
     try:
-        with open(index_path, "rb") as f:
+        with open(real_index, "rb") as f:
             raw = f.read(MAX_HEADER_BYTES + 1)
     except OSError as e:
         raise CheckpointError(f"{index_path}: cannot read ({e.strerror or e})") from None
