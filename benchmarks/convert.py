@@ -25,58 +25,87 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM, N_HEADS, N_KV_HEADS, VOCAB, MULTIPLE_OF = 2048, 16, 4, 32000, 256
 
 
-def ffn_dim() -> int:
-    hidden = int(2 * 4 * DIM / 3)
+@dataclass(frozen=True)
+class Shape:
+    """Width of a TorchTitan Llama 3 checkpoint; the depth follows from its size in GB."""
+
+    dim: int = DIM
+    n_heads: int = N_HEADS
+    n_kv_heads: int = N_KV_HEADS
+    vocab: int = VOCAB
+    ffn: int = 0  # 0: TorchTitan's default hidden size for `dim`
+
+
+# Fills one tensor: (name, shape, generator) -> bfloat16 tensor.
+Init = Callable[[str, tuple[int, ...], "torch.Generator"], "torch.Tensor"]
+
+
+def ffn_dim(shape: Shape = Shape()) -> int:
+    if shape.ffn:
+        return shape.ffn
+    hidden = int(2 * 4 * shape.dim / 3)
     return MULTIPLE_OF * ((hidden + MULTIPLE_OF - 1) // MULTIPLE_OF)
 
 
-def layer_bytes() -> int:
-    hd = DIM // N_HEADS
-    attn = 2 * DIM * DIM + 2 * N_KV_HEADS * hd * DIM
-    return 2 * (attn + 3 * ffn_dim() * DIM + 2 * DIM)
+def layer_bytes(shape: Shape = Shape()) -> int:
+    hd = shape.dim // shape.n_heads
+    attn = 2 * shape.dim * shape.dim + 2 * shape.n_kv_heads * hd * shape.dim
+    return 2 * (attn + 3 * ffn_dim(shape) * shape.dim + 2 * shape.dim)
 
 
-def make_checkpoint(path: str, gigabytes: float) -> int:
+def random_bits(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Random bit patterns: for timing, content does not matter, only bytes."""
+    import torch
+
+    return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, generator=g).view(torch.bfloat16)
+
+
+def make_checkpoint(path: str, gigabytes: float, shape: Shape = Shape(), init: Init = random_bits) -> int:
     """Write a bf16 TorchTitan Llama DCP of about `gigabytes` GB; returns the layer count."""
     import torch
     import torch.distributed.checkpoint as dcp
 
-    fixed = 2 * 2 * VOCAB * DIM + 2 * DIM
-    n_layers = max(1, round((gigabytes * 1e9 - fixed) / layer_bytes()))
+    dim, vocab = shape.dim, shape.vocab
+    fixed = 2 * 2 * vocab * dim + 2 * dim
+    n_layers = max(1, round((gigabytes * 1e9 - fixed) / layer_bytes(shape)))
     meta = os.path.join(path, "layers.json")
-    if os.path.exists(meta) and json.load(open(meta)) == {"n_layers": n_layers}:
+    stamp = {"n_layers": n_layers, "shape": asdict(shape), "init": init.__name__}
+    if os.path.exists(meta) and json.load(open(meta)) == stamp:
         return n_layers
     shutil.rmtree(path, ignore_errors=True)
     g = torch.Generator().manual_seed(0)
-
-    def rand(*shape: int) -> torch.Tensor:  # random bit patterns: content does not matter, only bytes
-        return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, generator=g).view(torch.bfloat16)
-
-    hd, ffn = DIM // N_HEADS, ffn_dim()
-    sd = {"tok_embeddings.weight": rand(VOCAB, DIM)}
+    ffn, kv = ffn_dim(shape), shape.n_kv_heads * (dim // shape.n_heads)
+    shapes = {"tok_embeddings.weight": (vocab, dim)}
     for i in range(n_layers):
         p = f"layers.{i}."
-        sd |= {
-            p + "attention.wq.weight": rand(DIM, DIM),
-            p + "attention.wk.weight": rand(N_KV_HEADS * hd, DIM),
-            p + "attention.wv.weight": rand(N_KV_HEADS * hd, DIM),
-            p + "attention.wo.weight": rand(DIM, DIM),
-            p + "feed_forward.w1.weight": rand(ffn, DIM),
-            p + "feed_forward.w2.weight": rand(DIM, ffn),
-            p + "feed_forward.w3.weight": rand(ffn, DIM),
-            p + "attention_norm.weight": rand(DIM),
-            p + "ffn_norm.weight": rand(DIM),
+        shapes |= {
+            p + "attention.wq.weight": (dim, dim),
+            p + "attention.wk.weight": (kv, dim),
+            p + "attention.wv.weight": (kv, dim),
+            p + "attention.wo.weight": (dim, dim),
+            p + "feed_forward.w1.weight": (ffn, dim),
+            p + "feed_forward.w2.weight": (dim, ffn),
+            p + "feed_forward.w3.weight": (ffn, dim),
+            p + "attention_norm.weight": (dim,),
+            p + "ffn_norm.weight": (dim,),
         }
-    sd |= {"norm.weight": rand(DIM), "output.weight": rand(VOCAB, DIM)}
+    shapes |= {"norm.weight": (dim,), "output.weight": (vocab, dim)}
+    sd = {name: init(name, s, g) for name, s in shapes.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(sd, checkpoint_id=path)
-    json.dump({"n_layers": n_layers}, open(meta, "w"))
+    json.dump(stamp, open(meta, "w"))
     return n_layers
 
 

@@ -6,12 +6,15 @@ import os
 import tempfile
 from typing import Any
 
+from hubconv.progress_bars import quiet_library_progress_bars
+
 
 def generate_ids(model_dir: str, prompt: str, max_new_tokens: int = 16) -> list[int]:
     """Greedy continuation ids of `prompt` with the model and tokenizer in `model_dir` (offline)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_library_progress_bars()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     ids = tok(prompt, return_tensors="pt").input_ids
@@ -35,6 +38,7 @@ def verify_download(
     (from the download only when `compare_generation` is false: streamed shards are not kept locally)."""
     from huggingface_hub import snapshot_download
 
+    quiet_library_progress_bars()
     from hubconv.credentials import redact_url
     from hubconv.hub import hub_errors
 

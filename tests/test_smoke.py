@@ -101,3 +101,86 @@ def test_cli_exit_codes(converted) -> None:
         [sys.executable, "-m", "hubconv", "smoke", out, "--max-new-tokens", "4"], capture_output=True, text=True
     )
     assert bad.returncode == 1 and "❌" in bad.stdout
+
+
+EXAMPLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tiny-llama3-torchtitan"
+)
+
+
+def _smoke_on_terminal(out: str) -> str:
+    """Run `hubconv smoke` with stderr on a pseudo-terminal; what the terminal received."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws nothing 0 wide
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    cmd = [sys.executable, "-m", "hubconv", "smoke", out, "--max-new-tokens", "2"]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=slave, timeout=300)
+    os.close(slave)
+    reader.join(timeout=30)
+    os.close(master)
+    assert proc.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_no_carriage_return_progress_bars_when_stderr_is_not_a_terminal(tmp_path) -> None:
+    """Issue 9, clean logs in Actions: the example's smoke, stderr on a pipe, has no '\\r' bar redraws."""
+    out = str(tmp_path / "hf")
+    conv = subprocess.run(
+        [
+            *(sys.executable, "-m", "hubconv", "convert", "--adapter", "torchtitan", "--quiet", "--output", out),
+            *("--checkpoint", os.path.join(EXAMPLE, "step-800")),
+            *("--model-args", os.path.join(EXAMPLE, "model_args.yaml")),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert conv.returncode == 0, conv.stderr
+    piped = subprocess.run(
+        [sys.executable, "-m", "hubconv", "smoke", out, "--max-new-tokens", "2"], capture_output=True, text=True
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert "\r" not in piped.stderr and "\r" not in piped.stdout
+    assert "Loading weights" not in piped.stderr
+    # Negative control: on a terminal the same run draws transformers' bar, redrawn with '\r'.
+    on_tty = _smoke_on_terminal(out)
+    assert "Loading weights" in on_tty and "\r" in on_tty.replace("\r\n", "\n")
+
+
+def test_library_progress_bars_follow_the_stream(monkeypatch) -> None:
+    import io
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    from hubconv.progress_bars import quiet_library_progress_bars
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    hf_logging.enable_progress_bar()
+    try:
+        assert quiet_library_progress_bars(Terminal()) is False and hf_logging.is_progress_bar_enabled()
+        assert quiet_library_progress_bars(io.StringIO()) is True
+        assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+    finally:
+        hf_logging.enable_progress_bar()

@@ -139,9 +139,11 @@ class Adapter(ABC):
     def plan(self, ckpt: Checkpoint, family: str, user_args: Mapping[str, Any]) -> ConversionPlan:
         """Resolve hyperparameters against the checkpoint and map every tensor."""
 
-    def reference_logits(self, ckpt: Checkpoint, native_args: Mapping[str, Any], tokens: Any) -> Any | None:
-        """Float32 logits of the *native* architecture for `tokens` [batch, seq], streamed from the
-        checkpoint, or None when the adapter offers no reference forward."""
+    def reference_logits(
+        self, ckpt: Checkpoint, native_args: Mapping[str, Any], tokens: Any, positions: Any = None
+    ) -> Any | None:
+        """Float32 logits of the *native* architecture for `tokens` [batch, seq] at `positions` [seq]
+        (default 0..seq-1), streamed from the checkpoint, or None when the adapter offers no reference forward."""
         return None
 
     @abstractmethod

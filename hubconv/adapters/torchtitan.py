@@ -262,10 +262,12 @@ class TorchTitanAdapter(Adapter):
         return cfg
 
     # ---- mapping ---------------------------------------------------------------------------
-    def reference_logits(self, ckpt: Checkpoint, native_args: Mapping[str, Any], tokens: Any) -> Any:
+    def reference_logits(
+        self, ckpt: Checkpoint, native_args: Mapping[str, Any], tokens: Any, positions: Any = None
+    ) -> Any:
         from hubconv.native.llama3_torchtitan import reference_logits
 
-        return reference_logits(_model_view(ckpt.tensors), native_args, tokens)
+        return reference_logits(_model_view(ckpt.tensors), native_args, tokens, positions)
 
     def _table(self, a: Mapping[str, Any]) -> MappingTable:
         return _llama3_table("qkv_linear." if a.get("key_style") == "qkv_linear" else "", a.get("head_key", "output"))

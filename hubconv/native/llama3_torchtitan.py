@@ -43,7 +43,7 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def _freqs_cis(head_dim: int, n: int, theta: float, scaling: Mapping[str, Any] | None) -> torch.Tensor:
+def _freqs_cis(head_dim: int, positions: torch.Tensor, theta: float, scaling: Mapping[str, Any] | None) -> torch.Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     if scaling:
         factor = float(scaling["scaling_factor"])
@@ -53,7 +53,7 @@ def _freqs_cis(head_dim: int, n: int, theta: float, scaling: Mapping[str, Any] |
         smooth = (old / wavelen - low) / (high - low)
         scaled = (1 - smooth) * freqs / factor + smooth * freqs
         freqs = torch.where(wavelen > old / low, freqs / factor, torch.where(wavelen < old / high, freqs, scaled))
-    angles = torch.outer(torch.arange(n, dtype=torch.float32), freqs)
+    angles = torch.outer(positions.to(torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -63,8 +63,11 @@ def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3)
 
 
-def reference_logits(tensors: Mapping[str, LazyTensor], a: Mapping[str, Any], tokens: torch.Tensor) -> torch.Tensor:
-    """Float32 logits [batch, seq, vocab] of TorchTitan's Llama 3 for `tokens`.
+def reference_logits(
+    tensors: Mapping[str, LazyTensor], a: Mapping[str, Any], tokens: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float32 logits [batch, seq, vocab] of TorchTitan's Llama 3 for `tokens` at `positions` [seq]
+    (default 0..seq-1; any increasing positions, as HF's `position_ids`, reach long distances cheaply).
 
     `tensors` uses native names (without a `model.` prefix); `a` are the resolved native args
     (as in hubconv.json: n_layers, n_heads, n_kv_heads, head_dim, norm_eps, rope_theta,
@@ -76,7 +79,8 @@ def reference_logits(tensors: Mapping[str, LazyTensor], a: Mapping[str, Any], to
     ids = tokens.reshape(-1).tolist()
     rows = {i: _f32(emb.read_rows(i, i + 1), emb).reshape(-1) for i in set(ids)}
     h = torch.stack([rows[i] for i in ids]).reshape(bsz, seq, -1)
-    freqs = _freqs_cis(hd, seq, a["rope_theta"], a.get("rope_scaling_args"))
+    pos = torch.arange(seq) if positions is None else positions.reshape(-1)
+    freqs = _freqs_cis(hd, pos, a["rope_theta"], a.get("rope_scaling_args"))
     with torch.no_grad():
         for i in range(a["n_layers"]):
             p = f"layers.{i}."
