@@ -54,6 +54,7 @@ from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.repocard_data import CardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from hubconv import safe_yaml
 from hubconv.dtypes import BY_NAME
 from hubconv.errors import HubconvError
 from hubconv.hashing import sha256_file
@@ -856,8 +857,11 @@ def render_card(model_dir: str, fields: CardFields, provenance: Provenance) -> s
     metadata: ModelCardData = context.pop("_card_data")
     source, name = _template_source(fields)
     text = _render(source, name, context)
-    if not REGEX_YAML_BLOCK.search(text):
+    block = REGEX_YAML_BLOCK.search(text)
+    if not block:
         text = f"---\n{context['card_data']}\n---\n\n{text.lstrip(chr(10))}"
+    else:
+        safe_yaml.load_text(block.group(2), f"{name} (YAML block)")  # bounded before ModelCard's own parse
     try:
         parsed = ModelCard(text).data.to_dict()
     except (yaml.YAMLError, ValueError, TypeError) as e:

@@ -30,7 +30,9 @@ from hubconv.errors import HubconvError
 # scale (their standard deviation), growing like a random walk with depth (sqrt(n_layers)). The factors
 # are calibrated by benchmarks/parity.py (correct conversions and negative controls, tiny to 1B-class).
 EPSILON = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
-MAX_ABS_FACTOR = {"float32": 64.0, "bfloat16": 8.0, "float16": 8.0}
+# float32 keeps 4x headroom over the calibration (a checkpoint whose hidden states grow more than our
+# synthetic ones rounds more): at 1B-class the weakest float32 control is still >200x over the bound.
+MAX_ABS_FACTOR = {"float32": 256.0, "bfloat16": 8.0, "float16": 8.0}
 # KL ~ Var(dlogit)/2, so KL <= (max_abs / KL_SHARE)^2 / 2 asks the typical difference to stay a quarter of the worst.
 KL_SHARE = 4.0
 

@@ -36,7 +36,9 @@ def example_release(tmp_path_factory) -> str:
 
     Read-only: tests that change files copy it first."""
     out = str(tmp_path_factory.mktemp("example-release") / "release")
-    r = hubconv("release", "--dry-run", "--config", EXAMPLE_CONFIG, "--output", out, "--json")
+    # Session fixtures run outside the per-test cache isolation: name the session cache explicitly.
+    env = {**os.environ, "HUBCONV_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "hubconv-cache")}
+    r = hubconv("release", "--dry-run", "--config", EXAMPLE_CONFIG, "--output", out, "--json", env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["smoke_status"] == "pass"
     assert os.path.isfile(os.path.join(out, "smoke.json"))

@@ -206,6 +206,13 @@ def test_user_template_and_extra_sections(tiny, tmp_path):
     template.write_text("{{ no_such_variable }}\n")
     with pytest.raises(HubconvError, match="no_such_variable"):
         render_card(d, fields, PROVENANCE)
+    # An alias bomb in a template's YAML block is refused before huggingface_hub parses it.
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+    )
+    template.write_text(f"---\n{bomb}---\n# {{{{ title }}}}\n")
+    with pytest.raises(HubconvError, match=r"card\.md\.j2 \(YAML block\).*(expand|aliases)"):
+        render_card(d, fields, PROVENANCE)
 
 
 MALICIOUS = "ok ```\n</code></pre><script>alert(1)</script>\n````\n~~~\n---\n# heading"

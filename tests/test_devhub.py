@@ -467,6 +467,15 @@ def test_readme_commit_triggers_validate_yaml(api, hub, repo):
         api.upload_file(path_or_fileobj=b"---\nlicense: [unclosed\n---\n", path_in_repo="README.md", repo_id=repo)
     assert [r["status"] for r in hub.requests(since=mark, path="^/api/validate-yaml$")] == [400]
     assert not hub.requests(since=mark, path="/commit/") and hub.head(repo) == head
+    # An alias bomb is refused by the bounded loader instead of being expanded.
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+    )
+    mark = hub.mark()
+    with pytest.raises(ValueError, match="alias bomb"):
+        api.upload_file(path_or_fileobj=f"---\n{bomb}---\n".encode(), path_in_repo="README.md", repo_id=repo)
+    assert [r["status"] for r in hub.requests(since=mark, path="^/api/validate-yaml$")] == [400]
+    assert hub.head(repo) == head
 
 
 # ----------------------------------------------------------------------------------------------- ops / protocol

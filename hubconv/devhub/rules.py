@@ -137,14 +137,12 @@ def validate_readme(content: str) -> tuple[list[str], list[str], dict[str, Any] 
     match = REGEX_YAML_BLOCK.search(content)
     if match is None:
         return [], ["empty or missing yaml metadata in repo card"], None
+    from hubconv.safe_yaml import YamlFileError, load_text  # bounded: an uploaded alias bomb is refused
+
     try:
-        import yaml  # PyYAML: a declared hubconv dependency (the only non-stdlib import of the dev Hub)
-    except ImportError:  # pragma: no cover - PyYAML is a hard dependency
-        return [], ["YAML parser unavailable on this dev Hub: metadata not validated"], None
-    try:
-        data = yaml.safe_load(match.group(2))
-    except yaml.YAMLError as e:
-        return [f"Invalid YAML in the metadata block: {str(e).splitlines()[0]}"], [], None
+        data = load_text(match.group(2))
+    except YamlFileError as e:
+        return [f"Invalid YAML in the metadata block: {e}"], [], None
     if data is None:
         return [], ["empty or missing yaml metadata in repo card"], None
     if not isinstance(data, dict):
