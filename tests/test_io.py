@@ -123,7 +123,7 @@ def test_torch_reader_refuses_pickled_code(tmp_path) -> None:
             return (os.system, ("true",))
 
     torch.save({"w": torch.zeros(2), "x": Evil()}, str(tmp_path / "bad.pt"))
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match=r"data\.pkl: refusing to load posix\.system"):
         open_checkpoint(str(tmp_path / "bad.pt"))
 
 

@@ -537,11 +537,11 @@ def test_torch_file_control_rezipped_is_read(tmp_path) -> None:
     [
         ("pickle_bomb", r"member '.*data\.pkl' is compressed and declares 67108864 bytes"),
         ("many_members", r"zip archive has \d+ members \(at most 8 expected\)"),
-        ("missing_storage", r"cannot read torch file \(\w+: .*"),
-        ("garbage_pickle", r"(cannot read torch file|refused by torch\.load)"),
+        ("missing_storage", r"storage '0' is missing from the archive"),
+        ("garbage_pickle", r"cannot read data\.pkl"),
         ("truncated", r"(corrupt|cannot read) torch file"),
         ("not_a_zip", r"cannot read torch file"),
-        ("pickled_code", r"refused by torch\.load\(weights_only=True\): .*GLOBAL posix\.system"),
+        ("pickled_code", r"data\.pkl: refusing to load posix\.system"),
     ],
 )
 def test_torch_file_defects(tmp_path, monkeypatch, damage, message) -> None:

@@ -67,6 +67,12 @@ def open_checkpoint(path: str) -> Checkpoint:
         from hubconv.io.safetensors_reader import open_safetensors
 
         return open_safetensors(path)
-    from hubconv.io.torch_reader import open_torch_file
+    import zipfile
+
+    if zipfile.is_zipfile(path):  # torch.save since 1.6: read without torch, tensors as file segments
+        from hubconv.io.torch_file import open_torch_zip
+
+        return open_torch_zip(path)
+    from hubconv.io.torch_reader import open_torch_file  # legacy (pre-zip) format: torch.load(weights_only=True)
 
     return open_torch_file(path)

@@ -157,10 +157,57 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
+class Namespace(_Record):
+    """An `argparse.Namespace` (Megatron's saved `args`), kept as its attributes."""
+
+
+class Opaque(_Record):
+    """An inert value hubconv never needs (numpy RNG state arrays, scalars): kept, never interpreted."""
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.__class__.__name__}>"
+
+
+def _parameter(data: Any, *rest: Any) -> Any:
+    """`torch._utils._rebuild_parameter(data, requires_grad, backward_hooks)`: the tensor itself."""
+    return data
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode`, which protocol-2 pickles use for bytes (numpy arrays): latin-1 only."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _device(*args: Any) -> str:
+    return ":".join(str(a) for a in args)
+
+
+# torch.save files (`.pt`, nanoGPT `ckpt.pt`, Megatron `model_optim_rng.pt`, Lightning `.ckpt`): tensors, plain
+# containers, argparse namespaces, and numpy RNG state (kept opaque).
+TORCH_FILE: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): RebuiltTensor,
+    ("torch._utils", "_rebuild_parameter"): _parameter,
+    ("torch", "Size"): _size,
+    ("torch", "device"): _device,
+    ("torch.serialization", "_get_layout"): _ignore,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("argparse", "Namespace"): Namespace,
+    ("_codecs", "encode"): _latin1,
+    ("numpy.core.multiarray", "_reconstruct"): Opaque,
+    ("numpy._core.multiarray", "_reconstruct"): Opaque,
+    ("numpy.core.multiarray", "scalar"): Opaque,
+    ("numpy._core.multiarray", "scalar"): Opaque,
+    ("numpy", "ndarray"): Opaque,
+    ("numpy", "dtype"): Opaque,
+}
+
+
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, what: str):
+    def __init__(self, data: bytes, what: str, allowed: dict[tuple[str, str], Any]):
         super().__init__(io.BytesIO(data))
-        self.what = what
+        self.what, self.allowed = what, allowed
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name in _DTYPES:
@@ -168,7 +215,7 @@ class _Unpickler(pickle.Unpickler):
         if module == "torch" and name in _STORAGES:
             return StorageType(_STORAGES[name])
         try:
-            return _ALLOWED[(module, name)]
+            return self.allowed[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(f"{self.what}: refusing to load {module}.{name}") from None
 
@@ -177,6 +224,29 @@ class _Unpickler(pickle.Unpickler):
         return pid
 
 
-def loads(data: bytes, what: str) -> Any:
-    """Unpickle `data` with the allow-list; `what` names the file in error messages."""
-    return _Unpickler(data, what).load()
+def loads(data: bytes, what: str, allow: dict[tuple[str, str], Any] | None = None) -> Any:
+    """Unpickle `data` with an allow-list (default: DCP metadata and records); `what` names the file in errors."""
+    return _Unpickler(data, what, _ALLOWED if allow is None else allow).load()
+
+
+def plain(obj: Any, depth: int = 0) -> Any:
+    """Stand-ins turned into plain data (dicts, lists, str) for provenance records and adapters."""
+    if depth > 64:
+        return "<nested too deeply>"
+    if isinstance(obj, Opaque):
+        return repr(obj)
+    if isinstance(obj, RebuiltTensor):
+        return f"<tensor {list(obj.size)}>"
+    if isinstance(obj, TorchDtype | StorageType):
+        return str(obj)
+    if isinstance(obj, _Record):
+        state = {k: v for k, v in vars(obj).items() if not (k == "args" and not v)}
+        return {k: plain(v, depth + 1) for k, v in state.items()}
+    if isinstance(obj, dict):
+        return {
+            (k if isinstance(k, str | int | float | bool) or k is None else str(k)): plain(v, depth + 1)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return type(obj)(plain(v, depth + 1) for v in obj)
+    return obj
