@@ -22,11 +22,13 @@ Template variables (the default template uses them; a user template gets the sam
 - `provenance` (dict): the `Provenance` fields, completed from `hubconv.json`.
 - `dropped` (list of dict): source entries the converter dropped, grouped by reason:
   `{"reason", "count", "keys"}`, largest group first.
+- `lossy` (list of dict): target parameters that are not an exact image of the source (vocabulary
+  trims, synthesized zeros, narrowing casts), grouped the same way.
 - `smoke` (dict | None): `smoke.json` as read.
 - `files` (list of dict): weight files `{"name", "size", "sha256"}`, sorted by name.
 - `extra_sections` (list of dict): `{"title", "body"}` from `card.extra_sections` (files already read).
 - `sections` (dict of str): ready-made, safely escaped Markdown for `usage`, `architecture`,
-  `provenance`, `dropped`, `smoke`, `files` and `extra` (the extra sections as `## title` blocks).
+  `provenance`, `dropped`, `lossy`, `smoke`, `files` and `extra` (the extra sections as `## title` blocks).
 
 Filters: `md` escapes text for inline Markdown (also HTML), `code` makes an inline code span,
 `codeblock(lang)` makes a fenced code block that its content cannot close. Values from `smoke`,
@@ -432,9 +434,10 @@ def complete_provenance(provenance: Provenance, record: dict | None) -> Provenan
     return out
 
 
-def dropped_groups(record: dict | None) -> list[dict[str, Any]]:
-    """Dropped source entries from `hubconv.json`, grouped by reason, largest group first."""
-    dropped = (record or {}).get("dropped") or {}
+def dropped_groups(record: dict | None, key: str = "dropped") -> list[dict[str, Any]]:
+    """Dropped source entries (or, with key="lossy", inexact targets) from `hubconv.json`, grouped by
+    reason, largest group first."""
+    dropped = (record or {}).get(key) or {}
     if not isinstance(dropped, dict):
         return []
     by_reason: dict[str, list[str]] = {}
@@ -636,6 +639,21 @@ def _dropped_md(groups: list[dict[str, Any]]) -> str:
     return intro + "\n\n" + _table(["Reason", "Entries", "Examples"], rows)
 
 
+def _lossy_md(groups: list[dict[str, Any]]) -> str:
+    if not groups:
+        return ""
+    total = sum(g["count"] for g in groups)
+    rows = []
+    for g in groups:
+        examples = ", ".join(code(k) for k in g["keys"][:3]) + (", …" if g["count"] > 3 else "")
+        rows.append([md(g["reason"]), f"{g['count']:,}", examples])
+    intro = (
+        f"{total:,} parameter{' is' if total == 1 else 's are'} not an exact copy of the source checkpoint "
+        "(recorded in `hubconv.json`):"
+    )
+    return intro + "\n\n" + _table(["Step", "Parameters", "Examples"], rows)
+
+
 _STATUS = {"pass": "✅ pass", "warn": "⚠️ warn", "fail": "❌ fail"}
 
 
@@ -816,6 +834,7 @@ def card_context(model_dir: str, fields: CardFields, provenance: Provenance) -> 
     arch = architecture(config, params if has_weights else None, param_dtypes)
     files = weight_files(model_dir)
     groups = dropped_groups(record)
+    lossy = dropped_groups(record, "lossy")
     extra = _extra_sections(fields.extra_sections)
     title = fields.title or (fields.repo_id.split("/")[-1] if fields.repo_id else None)
     title = title or os.path.basename(os.path.abspath(model_dir))
@@ -836,6 +855,7 @@ def card_context(model_dir: str, fields: CardFields, provenance: Provenance) -> 
         "arch": arch,
         "provenance": asdict(prov),
         "dropped": groups,
+        "lossy": lossy,
         "smoke": smoke,
         "files": files,
         "extra_sections": extra,
@@ -844,6 +864,7 @@ def card_context(model_dir: str, fields: CardFields, provenance: Provenance) -> 
             "architecture": _architecture_md(arch),
             "provenance": _provenance_md(prov),
             "dropped": _dropped_md(groups),
+            "lossy": _lossy_md(lossy),
             "smoke": _smoke_md(smoke),
             "files": _files_md(files),
             "extra": _extra_md(extra),

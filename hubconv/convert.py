@@ -82,8 +82,10 @@ def _run(
                 str(dtypes[dominant.name]),
                 use_cache=use_cache,
             )
-            write_model(shards, targets, staging, show_progress=progress, sink=sink)
+            # Completeness against the real transformers architecture before the first byte is written
+            # (or uploaded, with a streaming sink): a missing or misshapen parameter costs nothing yet.
             compare(check.result(), {t.name: t.shape for t in plan.targets})
+            write_model(shards, targets, staging, show_progress=progress, sink=sink)
             if tokenizer:
                 notes = _add_tokenizer(tokenizer, staging, plan)
                 plan.notes.extend(notes)
@@ -180,4 +182,5 @@ def _record(plan: ConversionPlan, checkpoint: str) -> dict[str, Any]:
         "checkpoint": checkpoint,  # as given: absolute paths would leak local directories into model cards
         "native_args": plan.native_args,
         "dropped": plan.dropped,
+        "lossy": plan.lossy,
     }

@@ -88,6 +88,10 @@ def tiny(tmp_path_factory) -> tuple[str, int]:
         "checkpoint": "/runs/tiny/step-200",
         "native_args": {"dim": 32},
         "dropped": {"optimizer.state.0": "optimizer state", "optimizer.state.1": "optimizer state", "lr": "scheduler"},
+        "lossy": {
+            "transformer.wte.weight": "slice_rows: rows outside 0..50257 of 50304 dropped (e.g. vocabulary padding)",
+            "transformer.h.0.attn.c_attn.bias": "zeros: synthesized zeros (the source model has no such parameter)",
+        },
     }
     with open(os.path.join(d, "hubconv.json"), "w") as f:
         json.dump(record, f)
@@ -288,3 +292,15 @@ def test_write_card_and_missing_config(tiny, tmp_path):
     os.remove(os.path.join(d, "config.json"))
     with pytest.raises(HubconvError, match=r"config\.json"):
         render_card(d, FIELDS, PROVENANCE)
+
+
+def test_dropped_entries_and_lossy_steps_are_listed(tiny):
+    d, _ = tiny
+    text = render_card(d, FIELDS, PROVENANCE)
+    dropped = text[text.index("### Dropped source entries") :]
+    assert "3 source checkpoint entries were not converted" in dropped
+    assert "| optimizer state | 2 | `optimizer.state.0`, `optimizer.state.1` |" in dropped
+    lossy = text[text.index("### Inexact conversion steps") :]
+    assert "2 parameters are not an exact copy of the source checkpoint" in lossy
+    assert "`transformer.wte.weight`" in lossy and "vocabulary padding" in lossy
+    assert "synthesized zeros" in lossy

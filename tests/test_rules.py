@@ -136,6 +136,10 @@ def test_table_errors_name_the_rule() -> None:
         RuleTable([Rule("a", "b", ops=[("fuse_magic", {})])])
     with pytest.raises(MappingError, match="cannot gather"):
         RuleTable([Rule("a.{h*}", "b.{h*}")])
+    with pytest.raises(MappingError, match=r"placeholder.* i are not given a range in counts"):
+        RuleTable([Rule({}, "h.{i}.bias", ops=[("zeros", {"shape": [2]})])])
+    with pytest.raises(MappingError, match=r"placeholder.* j are not captured by the source patterns"):
+        RuleTable([Rule("a.{i}", "b.{j}")])
     bad = RuleTable([Rule("w", "x", ops=[("rope_permute", {"heads": "n_kv_head"})], label="rules[0]")])
     sd = {"w": ArrayTensor("w", F32, np.zeros((8, 2), np.float32))}
     with pytest.raises(MappingError, match=r"rules\[0\]: op rope_permute: parameter heads must be a positive integer"):

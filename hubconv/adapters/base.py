@@ -113,6 +113,9 @@ class ConversionPlan:
     generation_config: dict[str, Any]
     native_args: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    # Targets that are not an exact image of source tensors, with why (trimmed vocabulary rows,
+    # synthesized zeros, narrowing casts): recorded in hubconv.json and on the model card.
+    lossy: dict[str, str] = field(default_factory=dict)
 
 
 class Adapter(ABC):

@@ -156,6 +156,13 @@ class RuleTable:
             for step, _ in r.ops:
                 op_registry.get(step)  # unknown ops are errors when the table is built
             roles = {role: _compile(p) for role, p in r.roles.items()}
+            placeholders = {m.group(1) for t in r.targets for m in _PLACEHOLDER.finditer(t)}
+            bound = set(r.counts) if not roles else {c for _, cs, _ in roles.values() for c in cs}
+            if placeholders - bound:
+                raise MappingError(
+                    f"{r.describe()}: target placeholder(s) {', '.join(sorted(placeholders - bound))} are not "
+                    + ("given a range in counts" if not roles else "captured by the source patterns")
+                )
             caps = [set(c) for _, c, _ in roles.values()]
             if caps and any(c != caps[0] for c in caps):
                 raise MappingError(f"{r.describe()}: every role must capture the same placeholders")

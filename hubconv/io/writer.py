@@ -27,6 +27,7 @@ from hubconv.dtypes import DType, cast
 from hubconv.errors import OutputError
 from hubconv.io.tensor import numel
 from hubconv.transforms import Target
+from hubconv.views import blocks as view_blocks
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -188,7 +189,8 @@ def _write_tensor(
             pos += seg.nbytes
             progress(seg.nbytes)
     else:
-        for block in t.blocks():
+        blocks = t.blocks() if isinstance(t, Target) else view_blocks(t)  # a plain lazy view is a target too
+        for block in blocks:
             out = cast(block, t.dtype, planned.dtype, what=f"tensor {planned.name!r}")
             data = memoryview(np.ascontiguousarray(out)).cast("B")
             _write_all(fd, data, pos)
