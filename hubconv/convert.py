@@ -18,7 +18,6 @@ from hubconv.atomic import prepare_output, publish_dir, staging_dir
 from hubconv.dtypes import DType, parse_user_dtype
 from hubconv.errors import HubconvError, OutputError
 from hubconv.hf_target import TargetCheck, compare
-from hubconv.io.checkpoint import open_checkpoint
 from hubconv.io.tensor import numel
 from hubconv.io.writer import ShardPlan, ShardSink, parse_size, plan_shards, write_model
 
@@ -57,7 +56,7 @@ def _run(
     tokenizer: str | None = None,
     sink: ShardSink | None = None,
 ) -> ConversionPlan:
-    with open_checkpoint(checkpoint) as ckpt:
+    with registry.get(adapter)[0].open(checkpoint) as ckpt:
         plan = build_plan(adapter, ckpt, model_args)
         targets = {t.name: t for t in plan.targets}
         dtypes = {t.name: (out_dtype if out_dtype and t.dtype.is_float else t.dtype) for t in plan.targets}

@@ -325,14 +325,13 @@ def _parity(model: Any, native: tuple[str, str], model_dir: str, positions: int,
     import torch
 
     from hubconv.adapters.registry import get
-    from hubconv.io.checkpoint import open_checkpoint
 
     with open(os.path.join(model_dir, "hubconv.json")) as f:
         native_args = json.load(f)["native_args"]
     adapter, _ = get(native[0])
     tokens = _parity_tokens(model.config.vocab_size, positions)
     pos = parity_positions(positions, int(model.config.max_position_embeddings))
-    with open_checkpoint(native[1]) as ckpt:
+    with adapter.open(native[1]) as ckpt:
         ref = adapter.reference_logits(ckpt, native_args, tokens, pos)
     if ref is None:
         return None

@@ -134,6 +134,13 @@ class Adapter(ABC):
             return {}
         return dict(value) if isinstance(value, Mapping) else load_args_file(value)
 
+    def open(self, path: str) -> Checkpoint:
+        """Open the checkpoint `path` names, lazily (adapters whose `--checkpoint` may also name a run folder,
+        such as nanoGPT's `out_dir`, resolve it here)."""
+        from hubconv.io.checkpoint import open_checkpoint
+
+        return open_checkpoint(path)
+
     @abstractmethod
     def detect_family(self, ckpt: Checkpoint) -> str:
         """The model family inside this framework (e.g. `llama3`), or a MappingError saying why not."""
