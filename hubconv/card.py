@@ -627,31 +627,31 @@ def _provenance_md(p: Provenance) -> str:
     return _table(["Property", "Value"], ([k, v] for k, v in rows))
 
 
-def _dropped_md(groups: list[dict[str, Any]]) -> str:
-    if not groups:
-        return ""
-    total = sum(g["count"] for g in groups)
+def _groups_table(groups: list[dict[str, Any]], intro: str, headers: list[str]) -> str:
     rows = []
     for g in groups:
         examples = ", ".join(code(k) for k in g["keys"][:3]) + (", …" if g["count"] > 3 else "")
         rows.append([md(g["reason"]), f"{g['count']:,}", examples])
+    return intro + "\n\n" + _table(headers, rows)
+
+
+def _dropped_md(groups: list[dict[str, Any]]) -> str:
+    if not groups:
+        return ""
+    total = sum(g["count"] for g in groups)
     intro = f"{total:,} source checkpoint entr{'y was' if total == 1 else 'ies were'} not converted:"
-    return intro + "\n\n" + _table(["Reason", "Entries", "Examples"], rows)
+    return _groups_table(groups, intro, ["Reason", "Entries", "Examples"])
 
 
 def _lossy_md(groups: list[dict[str, Any]]) -> str:
     if not groups:
         return ""
     total = sum(g["count"] for g in groups)
-    rows = []
-    for g in groups:
-        examples = ", ".join(code(k) for k in g["keys"][:3]) + (", …" if g["count"] > 3 else "")
-        rows.append([md(g["reason"]), f"{g['count']:,}", examples])
     intro = (
         f"{total:,} parameter{' is' if total == 1 else 's are'} not an exact copy of the source checkpoint "
         "(recorded in `hubconv.json`):"
     )
-    return intro + "\n\n" + _table(["Step", "Parameters", "Examples"], rows)
+    return _groups_table(groups, intro, ["Step", "Parameters", "Examples"])
 
 
 _STATUS = {"pass": "✅ pass", "warn": "⚠️ warn", "fail": "❌ fail"}
