@@ -11,6 +11,7 @@ from hubconv.errors import HubconvError
 # name -> module that defines and registers it; imported on first use to keep start-up lean.
 _BUILTIN = {
     "torchtitan": "hubconv.adapters.torchtitan",
+    "nanogpt": "hubconv.adapters.nanogpt",
 }
 _ADAPTERS: dict[str, Adapter] = {}
 
