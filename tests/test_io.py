@@ -15,7 +15,6 @@ from hubconv.errors import CheckpointError
 from hubconv.io.checkpoint import open_checkpoint
 from hubconv.io.tensor import ArrayTensor, read_all
 from hubconv.io.writer import SINGLE_FILE, plan_shards, write_model
-from hubconv.transforms import copy
 
 
 def raw(t: torch.Tensor) -> np.ndarray:
@@ -140,7 +139,7 @@ def test_writer_output_reads_back_with_safetensors(tmp_path) -> None:
     g = np.random.default_rng(0)
     arrays = {f"layer.{i}.w": g.standard_normal((17, 5 + i)).astype(np.float32) for i in range(6)}
     arrays["emb"] = g.integers(0, 2**16, (9, 3), dtype=np.uint16)  # bf16 bits
-    targets = {n: copy(ArrayTensor(n, BF16 if n == "emb" else F32, a), n) for n, a in arrays.items()}
+    targets = {n: ArrayTensor(n, BF16 if n == "emb" else F32, a) for n, a in arrays.items()}
     plan = plan_shards([(n, t.dtype, t.shape) for n, t in targets.items()], 1000)
     write_model(plan, targets, str(tmp_path), show_progress=False)
     index = (tmp_path / "model.safetensors.index.json").read_text()

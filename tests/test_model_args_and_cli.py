@@ -48,7 +48,7 @@ def shapes_of_flavor(name: str, **override) -> dict[str, ArrayTensor]:
 
 def resolve(value, tensors):
     adapter, _ = get("torchtitan")
-    return adapter.resolve_args(tensors, adapter.load_args(value), "test")
+    return adapter.resolve_args("test", tensors, adapter.load_args(value))
 
 
 def test_flavor_name_resolves_everything() -> None:

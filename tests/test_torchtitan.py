@@ -14,7 +14,7 @@ from hubconv.adapters.registry import get
 from hubconv.convert import convert
 from hubconv.dtypes import BF16, F32
 from hubconv.io.tensor import ArrayTensor
-from hubconv.transforms import materialize, rope_permute
+from hubconv.views import materialize, rope_permute
 from tests.native import torchtitan_llama3 as tt
 from tests.native.parity import Parity, check_dir, compare, fixed_tokens, hf_logits
 
@@ -105,7 +105,7 @@ def _swap_qk(out: str, sd: dict, a: tt.TitanArgs, mode: str) -> str:
                 w = src
             else:  # n_heads used for K as well
                 heads = a.n_heads if mode == "k-with-n_heads" else n
-                w = torch.from_numpy(materialize(rope_permute(ArrayTensor("w", F32, src.numpy()), "w", heads)))
+                w = torch.from_numpy(materialize(rope_permute(ArrayTensor("w", F32, src.numpy()), heads)))
             weights[f"model.layers.{i}.self_attn.{proj}_proj.weight"] = w.contiguous()
     save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     return out
@@ -146,7 +146,7 @@ def test_round_trip_from_hf_to_hf_is_bit_exact(key_style, tied) -> None:
     sd = tt.random_state_dict(a, seed=3, dtype=torch.bfloat16, key_style=key_style)
     native = {k: ArrayTensor(k, BF16, v.view(torch.int16).numpy().view(np.uint16)) for k, v in sd.items()}
     adapter, _ = get("torchtitan")
-    resolved = adapter.resolve_args(native, user_args(a), "test")
+    resolved = adapter.resolve_args("test", native, user_args(a))
     hf = {t.name: ArrayTensor(t.name, t.dtype, materialize(t)) for t in adapter.to_hf(native, resolved)}
     assert "model.layers.1.self_attn.k_proj.weight" in hf
     back = {t.name: materialize(t) for t in adapter.from_hf(hf, resolved)}

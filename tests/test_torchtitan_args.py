@@ -236,7 +236,7 @@ def test_scaling_defaults_are_the_same_in_0_2_and_0_3(ckpt) -> None:
 
 def resolved_config(value: Any) -> dict[str, Any]:
     adapter, _ = get("torchtitan")
-    return adapter.hf_config(adapter.resolve_args(shapes_of_flavor("debugmodel"), adapter.load_args(value), "t"))
+    return adapter.hf_config(adapter.resolve_args("t", shapes_of_flavor("debugmodel"), adapter.load_args(value)))
 
 
 def test_registry_names_select_the_flavor_and_its_training_seq_len(tmp_path) -> None:

@@ -79,6 +79,10 @@ class RuleAdapter(Adapter):
         """Why a non-tensor checkpoint entry may be dropped, or None when it is unexpected."""
         return None
 
+    def tied_keys(self, args: Mapping[str, Any]) -> tuple[str, str] | None:
+        """(embedding key, head key) in native names for these args (default: `tied_pair`)."""
+        return self.tied_pair
+
     def tied(self, args: Mapping[str, Any]) -> bool:
         return bool(args.get("tie_word_embeddings"))
 
@@ -87,8 +91,9 @@ class RuleAdapter(Adapter):
         tensors = self.model_tensors(ckpt)
         args = self.resolve_args(ckpt, tensors, user_args)
         dropped: dict[str, str] = {}
-        if self.tied_pair and self.tied(args):
-            emb, head = self.tied_pair
+        pair = self.tied_keys(args)
+        if pair and self.tied(args):
+            emb, head = pair
             if head in tensors:
                 if emb not in tensors or not same_data(tensors[head], tensors[emb]):
                     raise MappingError(f"{ckpt.path}: the model is tied, but {head} differs from {emb}")
@@ -137,7 +142,7 @@ class RuleAdapter(Adapter):
     def check_complete(self, where: str, table: RuleTable, records: list[Mapped], args: Mapping[str, Any]) -> None:
         produced = {t for r in records for t in r.targets}
         expected = self.expected_targets(table, args)
-        if self.tied_pair and self.tied(args):
+        if self.tied_keys(args) and self.tied(args):
             expected = {k: v for k, v in expected.items() if k not in self.tied_heads(args)}
         missing = sorted(set(expected) - produced)
         if missing:

@@ -1,8 +1,13 @@
 """TorchTitan -> transformers. Family `llama3` (Llama 3 / 3.1 / 3.2 layouts) -> LlamaForCausalLM.
 
+A `RuleAdapter`: the rule table below plus hyperparameter resolution; ties, accounting for every
+tensor and entry, completeness and lossy-step records come from the generic planning.
+
 TorchTitan applies RoPE to interleaved (real, imaginary) pairs; transformers' Llama rotates
-halves, so Q and K rows are permuted per head (K per *KV* head). Both key generations are read:
-`layers.N.attention.wq.weight` and the newer `layers.N.attention.qkv_linear.wq.weight`.
+halves, so Q and K rows are permuted per head (`rope_permute` with `n_heads`, K with
+`n_kv_heads`). Both key generations are read: `layers.N.attention.wq.weight` with `output.weight`,
+and the newer `layers.N.attention.qkv_linear.wq.weight` with `lm_head.weight`; older full
+checkpoints nest the model under `model.`.
 """
 
 from __future__ import annotations
@@ -11,52 +16,22 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
+from hubconv import views as V
 from hubconv.adapters import torchtitan_args
-from hubconv.adapters.base import Adapter, ConversionPlan, Drop, MappingTable, Rule
+from hubconv.adapters.base import ConversionPlan
+from hubconv.adapters.generic import RuleAdapter, same_data
 from hubconv.adapters.registry import register
+from hubconv.adapters.rules import Drop, Mapped, Rule, RuleTable
 from hubconv.adapters.torchtitan_flavors import (
     LLAMA3_DEFAULTS,
     LLAMA3_FLAVORS,
     LLAMA3_ROPE_SCALING_DEFAULTS,
     llama3_ffn_hidden_dim,
 )
+from hubconv.dtypes import F32
 from hubconv.errors import MappingError, ModelArgsError
 from hubconv.io.checkpoint import Checkpoint
-from hubconv.io.tensor import LazyTensor, row_blocks
-from hubconv.transforms import Target, rope_permute
-
-
-def _rope_q(to_half: bool):
-    return lambda src, name, a: rope_permute(src, name, a["n_heads"], to_half=to_half)
-
-
-def _rope_k(to_half: bool):
-    return lambda src, name, a: rope_permute(src, name, a["n_kv_heads"], to_half=to_half)
-
-
-def _llama3_table(qkv_prefix: str, head: str) -> MappingTable:
-    """Native -> HF rules for one key generation (`qkv_prefix` is "" or "qkv_linear.")."""
-    L, H = "layers.{i}.", "model.layers.{i}."
-    return MappingTable(
-        [
-            Rule("tok_embeddings.weight", "model.embed_tokens.weight"),
-            Rule(f"{L}attention.{qkv_prefix}wq.weight", f"{H}self_attn.q_proj.weight", _rope_q(True), _rope_q(False)),
-            Rule(f"{L}attention.{qkv_prefix}wk.weight", f"{H}self_attn.k_proj.weight", _rope_k(True), _rope_k(False)),
-            Rule(f"{L}attention.{qkv_prefix}wv.weight", f"{H}self_attn.v_proj.weight"),
-            Rule(f"{L}attention.wo.weight", f"{H}self_attn.o_proj.weight"),
-            Rule(f"{L}feed_forward.w1.weight", f"{H}mlp.gate_proj.weight"),
-            Rule(f"{L}feed_forward.w3.weight", f"{H}mlp.up_proj.weight"),
-            Rule(f"{L}feed_forward.w2.weight", f"{H}mlp.down_proj.weight"),
-            Rule(f"{L}attention_norm.weight", f"{H}input_layernorm.weight"),
-            Rule(f"{L}ffn_norm.weight", f"{H}post_attention_layernorm.weight"),
-            Rule("norm.weight", "model.norm.weight"),
-            Rule(f"{head}.weight", "lm_head.weight"),
-        ],
-        TRAINING_DROPS,
-    )
-
+from hubconv.io.tensor import LazyTensor
 
 TRAINING_DROPS = [
     Drop(r"^optimizer(\.|$)", "optimizer state (training only)"),
@@ -65,6 +40,38 @@ TRAINING_DROPS = [
     Drop(r"^train_state(\.|$)", "train step counters (training only)"),
     Drop(r"(^|\.)freqs_cis$", "RoPE buffer; transformers recomputes it from rope_parameters"),
 ]
+
+
+def llama3_table(qkv_prefix: str, head: str) -> RuleTable:
+    """Native -> HF rules for one key generation (`qkv_prefix` is "" or "qkv_linear."; `head` the output
+    projection's name, "output" or "lm_head"), in the order transformers saves a layer."""
+    L, H = "layers.{i}.", "model.layers.{i}."
+    return RuleTable(
+        [
+            Rule("tok_embeddings.weight", "model.embed_tokens.weight"),
+            Rule(f"{L}attention_norm.weight", f"{H}input_layernorm.weight"),
+            Rule(
+                f"{L}attention.{qkv_prefix}wq.weight",
+                f"{H}self_attn.q_proj.weight",
+                ops=[("rope_permute", {"heads": "n_heads"})],
+            ),
+            Rule(
+                f"{L}attention.{qkv_prefix}wk.weight",
+                f"{H}self_attn.k_proj.weight",
+                ops=[("rope_permute", {"heads": "n_kv_heads"})],  # per KV head: the classic GQA trap
+            ),
+            Rule(f"{L}attention.{qkv_prefix}wv.weight", f"{H}self_attn.v_proj.weight"),
+            Rule(f"{L}attention.wo.weight", f"{H}self_attn.o_proj.weight"),
+            Rule(f"{L}ffn_norm.weight", f"{H}post_attention_layernorm.weight"),
+            Rule(f"{L}feed_forward.w1.weight", f"{H}mlp.gate_proj.weight"),
+            Rule(f"{L}feed_forward.w3.weight", f"{H}mlp.up_proj.weight"),
+            Rule(f"{L}feed_forward.w2.weight", f"{H}mlp.down_proj.weight"),
+            Rule("norm.weight", "model.norm.weight"),
+            Rule(f"{head}.weight", "lm_head.weight"),
+        ],
+        TRAINING_DROPS,
+    )
+
 
 _REQUIRED_MSG = (
     "{field} cannot be determined from the checkpoint's tensor shapes; provide it in --model-args "
@@ -78,19 +85,13 @@ def load_llama3_args(value: str | Mapping[str, Any] | None) -> dict[str, Any]:
     return torchtitan_args.load(value)
 
 
-def _same_data(a: LazyTensor, b: LazyTensor) -> bool:
-    if a.shape != b.shape or a.dtype is not b.dtype:
-        return False
-    return all(
-        np.array_equal(a.read_rows(lo, hi), b.read_rows(lo, hi)) for lo, hi in row_blocks(a.shape, a.dtype.itemsize)
-    )
-
-
-class TorchTitanAdapter(Adapter):
+class TorchTitanAdapter(RuleAdapter):
     name = "torchtitan"
     description = "TorchTitan DCP checkpoints (step-N folders, model-only or full training state); Llama 3 family"
     families = ("llama3",)
     model_types = ("llama",)
+    model_type = "llama"
+    layer_count_arg = "n_layers"
 
     def load_args(self, value: str | Mapping[str, Any] | None) -> dict[str, Any]:
         return load_llama3_args(value)
@@ -111,12 +112,22 @@ class TorchTitanAdapter(Adapter):
             f"layers.N.feed_forward.w1.weight); found keys like: {sample}"
         )
 
+    def model_tensors(self, ckpt: Checkpoint) -> dict[str, LazyTensor]:
+        return _model_view(ckpt.tensors)
+
+    def entry_reason(self, entry: str) -> str | None:
+        return next((d.reason for d in TRAINING_DROPS if re.search(d.pattern, entry)), None)
+
     # ---- hyperparameters -------------------------------------------------------------------
-    def resolve_args(self, tensors: Mapping[str, LazyTensor], user: Mapping[str, Any], where: str) -> dict[str, Any]:
+    def resolve_args(
+        self, ckpt: Checkpoint | str, tensors: Mapping[str, LazyTensor], user: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """Combine user args with what the tensor shapes determine; contradictions are errors.
 
-        `user` is what `load_args` returns; a plain mapping is normalized (and validated) here too.
+        `ckpt` is the checkpoint (or just a label for messages); `user` is what `load_args` returns
+        (a plain mapping is normalized, and validated, here too).
         """
+        where = ckpt if isinstance(ckpt, str) else ckpt.path
         if torchtitan_args.SPELLING not in user:
             user = torchtitan_args.normalize(user, "--model-args") if user else {}
         spelling: Mapping[str, str] = user.get(torchtitan_args.SPELLING, {})
@@ -215,7 +226,7 @@ class TorchTitanAdapter(Adapter):
         tie = user.get("tie_word_embeddings", user.get("enable_weight_tying"))
         if tie is None:  # not stated: tied when there is no head, or the head is a copy of the embeddings
             head_tensor = tensors.get("output.weight") or tensors.get("lm_head.weight")
-            tie = head_tensor is None or _same_data(head_tensor, tensors["tok_embeddings.weight"])
+            tie = head_tensor is None or same_data(head_tensor, tensors["tok_embeddings.weight"])
         if not tie and not has_head:
             raise MappingError(f"{where}: no output.weight although the model args say embeddings are untied")
         a["tie_word_embeddings"] = bool(tie)
@@ -262,6 +273,62 @@ class TorchTitanAdapter(Adapter):
         return cfg
 
     # ---- mapping ---------------------------------------------------------------------------
+    def table(self, args: Mapping[str, Any]) -> RuleTable:
+        qkv = "qkv_linear." if args.get("key_style") == "qkv_linear" else ""
+        return llama3_table(qkv, args.get("head_key", "output"))
+
+    def tied_keys(self, args: Mapping[str, Any]) -> tuple[str, str]:
+        return "tok_embeddings.weight", f"{args.get('head_key', 'output')}.weight"
+
+    def plan(self, ckpt: Checkpoint, family: str, user_args: Mapping[str, Any]) -> ConversionPlan:
+        plan = super().plan(ckpt, family, user_args)
+        # Output order as transformers saves a Llama: embeddings, layer by layer, final norm, head.
+        order = {n: i for i, n in enumerate(_output_order(self.table(plan.native_args), plan.native_args["n_layers"]))}
+        plan.targets.sort(key=lambda t: order.get(t.name, len(order)))
+        return plan
+
+    def check_complete(self, where: str, table: RuleTable, records: list[Mapped], args: Mapping[str, Any]) -> None:
+        """Every parameter the model needs is produced; a missing one is named as the checkpoint names it."""
+        produced = {t for r in records for t in r.targets}
+        missing: dict[str, str] = {}
+        for rule in table.rules:
+            (dst,), (src,) = rule.targets, rule.roles.values()
+            for i in range(args["n_layers"]) if "{i}" in dst else [0]:
+                name = dst.format(i=i)
+                if name not in produced and not (name == "lm_head.weight" and self.tied(args)):
+                    missing[name] = src.format(i=i)
+        if missing:
+            raise MappingError(
+                f"{where}: checkpoint lacks tensors needed by the model: "
+                + ", ".join(missing[n] for n in sorted(missing)[:10])
+            )
+
+    def native_shapes(self, args: Mapping[str, Any]) -> dict[str, LazyTensor]:
+        """Shape-only native tensors for `args` in its key generation (no head when tied): what `from_hf` plans
+        against."""
+        qkv = "qkv_linear." if args.get("key_style") == "qkv_linear" else ""
+        dim, ffn, hd = args["dim"], args["ffn_hidden_dim"], args["head_dim"]
+        q, kv = args["n_heads"] * hd, args["n_kv_heads"] * hd
+        shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args["vocab_size"], dim)}
+        for i in range(args["n_layers"]):
+            p = f"layers.{i}."
+            shapes |= {
+                f"{p}attention.{qkv}wq.weight": (q, dim),
+                f"{p}attention.{qkv}wk.weight": (kv, dim),
+                f"{p}attention.{qkv}wv.weight": (kv, dim),
+                f"{p}attention.wo.weight": (dim, q),
+                f"{p}feed_forward.w1.weight": (ffn, dim),
+                f"{p}feed_forward.w3.weight": (ffn, dim),
+                f"{p}feed_forward.w2.weight": (dim, ffn),
+                f"{p}attention_norm.weight": (dim,),
+                f"{p}ffn_norm.weight": (dim,),
+            }
+        shapes["norm.weight"] = (dim,)
+        if not self.tied(args):
+            shapes[f"{args.get('head_key', 'output')}.weight"] = (args["vocab_size"], dim)
+        return {k: V.Zeros(k, F32, s) for k, s in shapes.items()}
+
+    # ---- parity ----------------------------------------------------------------------------
     def reference_logits(
         self, ckpt: Checkpoint, native_args: Mapping[str, Any], tokens: Any, positions: Any = None
     ) -> Any:
@@ -269,67 +336,15 @@ class TorchTitanAdapter(Adapter):
 
         return reference_logits(_model_view(ckpt.tensors), native_args, tokens, positions)
 
-    def _table(self, a: Mapping[str, Any]) -> MappingTable:
-        return _llama3_table("qkv_linear." if a.get("key_style") == "qkv_linear" else "", a.get("head_key", "output"))
 
-    def to_hf(self, tensors: Mapping[str, LazyTensor], args: Mapping[str, Any], family: str = "llama3") -> list[Target]:
-        targets, _ = self._table(args).apply(tensors, args)
-        return targets
-
-    def from_hf(
-        self, tensors: Mapping[str, LazyTensor], args: Mapping[str, Any], family: str = "llama3"
-    ) -> list[Target]:
-        targets, _ = self._table(args).inverse().apply(tensors, args, where="HF tensors")
-        return targets
-
-    def plan(self, ckpt: Checkpoint, family: str, user_args: Mapping[str, Any]) -> ConversionPlan:
-        tensors = _model_view(ckpt.tensors)
-        a = self.resolve_args(tensors, user_args, ckpt.path)
-        dropped: dict[str, str] = {}
-        head = a["head_key"]
-        if a["tie_word_embeddings"] and f"{head}.weight" in tensors:
-            if not _same_data(tensors[f"{head}.weight"], tensors["tok_embeddings.weight"]):
-                raise MappingError(
-                    f"{ckpt.path}: model args say embeddings are tied, "
-                    f"but {head}.weight differs from tok_embeddings.weight"
-                )
-            dropped[f"{head}.weight"] = "tied to tok_embeddings.weight (identical data)"
-            del tensors[f"{head}.weight"]
-        targets, table_drops = self._table(a).apply(tensors, a, where=ckpt.path)
-        dropped.update(table_drops)
-        for entry in ckpt.entries:
-            reason = next((d.reason for d in TRAINING_DROPS if re.search(d.pattern, entry)), None)
-            if reason is None:
-                raise MappingError(f"{ckpt.path}: non-tensor entry {entry!r} matches no known TorchTitan state")
-            dropped[entry] = reason
-        expected = {
-            name.format(i=i)
-            for rule in self._table(a).rules
-            for name in [rule.dst]
-            for i in (range(a["n_layers"]) if "{i}" in name else [0])
-            if not (a["tie_word_embeddings"] and name == "lm_head.weight")
-        }
-        missing = expected - {t.name for t in targets}
-        if missing:
-            inv = {r.dst: r.src for r in self._table(a).rules}
-            names = sorted(missing)[:10]
-            raise MappingError(
-                f"{ckpt.path}: checkpoint lacks tensors needed by the model: "
-                + ", ".join(_native_name(n, inv) for n in names)
-            )
-        order = {n: i for i, n in enumerate(_hf_order(a["n_layers"]))}
-        targets.sort(key=lambda t: order.get(t.name, len(order)))
-        gen = {k: a.get(k) for k in ("bos_token_id", "eos_token_id")}
-        return ConversionPlan(
-            adapter=self.name,
-            family=family,
-            targets=targets,
-            dropped=dropped,
-            model_type="llama",
-            config=self.hf_config(a),
-            generation_config=gen,
-            native_args=a,
-        )
+def _output_order(table: RuleTable, n_layers: int) -> list[str]:
+    """Target names layer by layer: rules before the first per-layer rule, then each layer's targets in rule
+    order, then the rest (embeddings; layers; final norm and head)."""
+    layered = [r for r in table.rules if "{i}" in r.targets[0]]
+    first = table.rules.index(layered[0]) if layered else len(table.rules)
+    names = [t for r in table.rules[:first] for t in r.targets]
+    names += [t.format(i=i) for i in range(n_layers) for r in layered for t in r.targets]
+    return names + [t for r in table.rules[first:] if r not in layered for t in r.targets]
 
 
 def _model_view(tensors: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
@@ -338,32 +353,6 @@ def _model_view(tensors: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
     if model and all(k.startswith("model.") for k in model):
         return {k.removeprefix("model."): v for k, v in tensors.items()}
     return dict(tensors)
-
-
-def _native_name(hf_name: str, inverse: Mapping[str, str]) -> str:
-    m = re.match(r"^model\.layers\.(\d+)\.(.*)$", hf_name)
-    if m:
-        pattern = inverse.get(f"model.layers.{{i}}.{m.group(2)}", hf_name)
-        return pattern.format(i=m.group(1))
-    return inverse.get(hf_name, hf_name)
-
-
-def _hf_order(n_layers: int) -> list[str]:
-    """Output order: embeddings, layers in order, final norm, head (as transformers saves them)."""
-    per_layer = [
-        "input_layernorm.weight",
-        "self_attn.q_proj.weight",
-        "self_attn.k_proj.weight",
-        "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight",
-        "post_attention_layernorm.weight",
-        "mlp.gate_proj.weight",
-        "mlp.up_proj.weight",
-        "mlp.down_proj.weight",
-    ]
-    names = ["model.embed_tokens.weight"]
-    names += [f"model.layers.{i}.{p}" for i in range(n_layers) for p in per_layer]
-    return [*names, "model.norm.weight", "lm_head.weight"]
 
 
 register(TorchTitanAdapter())

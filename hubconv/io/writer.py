@@ -25,8 +25,7 @@ import numpy as np
 
 from hubconv.dtypes import DType, cast
 from hubconv.errors import OutputError
-from hubconv.io.tensor import numel
-from hubconv.transforms import Target
+from hubconv.io.tensor import LazyTensor, numel
 from hubconv.views import blocks as view_blocks
 
 SINGLE_FILE = "model.safetensors"
@@ -178,7 +177,7 @@ class _Copier:
 
 
 def _write_tensor(
-    fd: int, base: int, planned: PlannedTensor, t: Target, copier: _Copier, progress: Callable[[int], None]
+    fd: int, base: int, planned: PlannedTensor, t: LazyTensor, copier: _Copier, progress: Callable[[int], None]
 ) -> None:
     """Write one tensor at its planned offset (`base` = where the shard's data section starts)."""
     pos = base + planned.begin
@@ -189,8 +188,7 @@ def _write_tensor(
             pos += seg.nbytes
             progress(seg.nbytes)
     else:
-        blocks = t.blocks() if isinstance(t, Target) else view_blocks(t)  # a plain lazy view is a target too
-        for block in blocks:
+        for block in view_blocks(t):
             out = cast(block, t.dtype, planned.dtype, what=f"tensor {planned.name!r}")
             data = memoryview(np.ascontiguousarray(out)).cast("B")
             _write_all(fd, data, pos)
@@ -230,7 +228,7 @@ class _OpenShard:
 
 def write_model(
     plan: ShardPlan,
-    targets: dict[str, Target],
+    targets: dict[str, LazyTensor],
     out_dir: str,
     *,
     show_progress: bool = True,
