@@ -147,6 +147,10 @@ class Provenance:
 # --------------------------------------------------------------------------------------------- metadata
 
 
+# How frameworks spell their own names, for the card's prose (tags keep the adapter's lowercase name).
+FRAMEWORK_NAMES = {"nanogpt": "nanoGPT"}
+
+
 def _framework(provenance: Provenance) -> str | None:
     if provenance.source_framework:
         return provenance.source_framework
@@ -605,7 +609,7 @@ def _provenance_md(p: Provenance) -> str:
     url = _repo_url(p.git_repository)
     rows = []
     if p.source_framework:
-        rows.append(("Source framework", md(p.source_framework)))
+        rows.append(("Source framework", md(FRAMEWORK_NAMES.get(p.source_framework, p.source_framework))))
     if p.adapter:
         rows.append(("hubconv adapter", code(p.adapter)))
     if p.checkpoint:
@@ -838,7 +842,7 @@ def card_context(model_dir: str, fields: CardFields, provenance: Provenance) -> 
     extra = _extra_sections(fields.extra_sections)
     title = fields.title or (fields.repo_id.split("/")[-1] if fields.repo_id else None)
     title = title or os.path.basename(os.path.abspath(model_dir))
-    framework = prov.source_framework
+    framework = FRAMEWORK_NAMES.get(prov.source_framework or "", prov.source_framework)
     description = fields.description
     if description is None:
         source = f"a native {md(framework)} training checkpoint" if framework else "a native training checkpoint"

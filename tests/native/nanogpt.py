@@ -6,7 +6,8 @@
   attention, exact GELU MLP of width 4 * n_embd, final LayerNorm, `lm_head` tied to `wte`.
 - `save_ckpt` writes what `train.py` writes: `{model, optimizer, model_args, iter_num,
   best_val_loss, config}` with `torch.save`. `compiled=True` reproduces the `_orig_mod.` key prefix
-  of a `torch.compile`d model, `ddp=True` the `module.` prefix of a DDP-wrapped one.
+  of a `torch.compile`d model, `ddp=True` the `module.` prefix of a DDP-wrapped one, `mask_buffers=True`
+  the `attn.bias` causal-mask buffers nanoGPT registers when flash attention is unavailable.
 - `save_meta` writes a char-level dataset's `meta.pkl` ({vocab_size, itos, stoi}).
 """
 
@@ -103,10 +104,11 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=0.15 if "wpe" in name or "wte" in name else 0.2 / math.sqrt(c.n_embd / 8))
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits at every position (nanoGPT's inference shortcut returns only the last one)."""
-        t = idx.shape[1]
-        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(t))
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at every position (nanoGPT's inference shortcut returns only the last one); `positions`
+        index the position embeddings (default 0..t-1), as HF's `position_ids`."""
+        pos = torch.arange(idx.shape[1]) if positions is None else positions
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x)
         return self.lm_head(self.transformer.ln_f(x))
@@ -126,11 +128,15 @@ def save_ckpt(
     optimizer: bool = True,
     dtype: torch.dtype | None = None,
     extra_config: dict | None = None,
+    mask_buffers: bool = False,
+    drop_keys: tuple[str, ...] = (),
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write `ckpt.pt` the way nanoGPT's train.py does (optionally through compile / DDP prefixes).
 
     With `optimizer`, one AdamW step is taken first (the model's weights change), so the file holds
-    real optimizer state; compare against the model after this call."""
+    real optimizer state; compare against the model after this call. `drop_keys` / `extra_tensors` edit
+    the model state dict (native names, before prefixes) to make broken checkpoints."""
     opt_state = {}
     if optimizer:
         opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95))
@@ -143,6 +149,12 @@ def save_ckpt(
         sd = {k: v.to(dtype) for k, v in sd.items()}
         # keep tying visible as shared storage, as a real save of a tied model does
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    if mask_buffers:
+        n = model.config.block_size
+        for i in range(model.config.n_layer):
+            sd[f"transformer.h.{i}.attn.bias"] = torch.ones(n, n).tril().view(1, 1, n, n)
+    sd = {k: v for k, v in sd.items() if k not in drop_keys}
+    sd.update(extra_tensors or {})
     prefix = ("module." if ddp else "") + ("_orig_mod." if compiled else "")
     sd = {prefix + k: v for k, v in sd.items()}
     model_args = {k: v for k, v in asdict(model.config).items() if k != "dropout"}
