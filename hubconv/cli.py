@@ -37,6 +37,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokenizer", help="also write HF tokenizer files from an HF folder, tiktoken BPE, SentencePiece or meta.pkl"
     )
+    p.add_argument("--mapping", metavar="FILE.yml", help="YAML mapping for --adapter mapping (your own model code)")
     p.add_argument("--dtype", default="auto", help="auto (keep source dtype), bfloat16, float16 or float32")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -64,6 +65,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         progress=not (args.quiet or args.json),
         use_cache=not args.no_cache,
         tokenizer=args.tokenizer,
+        mapping=args.mapping,
     )
     if args.json:
         json.dump(
@@ -109,6 +111,7 @@ def _add_smoke(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--adapter", help="adapter of the native checkpoint (default: from DIR/hubconv.json)")
     p.add_argument("--checkpoint", help="native checkpoint for the parity check (default: from DIR/hubconv.json)")
+    p.add_argument("--mapping", help="mapping file of --adapter mapping (default: from DIR/hubconv.json)")
     p.add_argument("--no-parity", action="store_true", help="skip the logits parity check")
     p.add_argument("--positions", type=int, default=96, help="positions compared by the parity check (>= 64)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -134,8 +137,9 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
             record = json.load(f)
         adapter = args.adapter or f"{record['adapter']}:{record['family']}"
         checkpoint = args.checkpoint or record.get("checkpoint")
+        mapping = args.mapping or (record.get("mapping") or {}).get("path")
         if checkpoint and os.path.exists(checkpoint):
-            native = (adapter, checkpoint)
+            native = (adapter, checkpoint, mapping) if mapping else (adapter, checkpoint)
     report = run_smoke(
         args.model_dir,
         prompts=prompts or [Prompt("The")],
@@ -248,6 +252,7 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--adapter")
     g.add_argument("--checkpoint")
     g.add_argument("--model-args")
+    g.add_argument("--mapping", help="YAML mapping file for --adapter mapping")
     g.add_argument("--dtype")
     g.add_argument("--max-shard-size")
     g.add_argument("--tokenizer", help="HF tokenizer folder, tiktoken BPE file, SentencePiece .model or meta.pkl")
@@ -311,6 +316,7 @@ def release_config(args: argparse.Namespace) -> Any:
         "adapter": "adapter",
         "checkpoint": "checkpoint",
         "model_args": "model_args",
+        "mapping": "mapping",
         "dtype": "dtype",
         "max_shard_size": "max_shard_size",
         "output": "output",

@@ -86,6 +86,7 @@ class ReleaseConfig:
     adapter: str | None = None
     checkpoint: str | None = None
     model_args: str | dict[str, Any] | None = None
+    mapping: str | None = None  # YAML mapping file of `adapter: mapping`
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dtype: str = "auto"
     max_shard_size: str = "5GB"
@@ -242,6 +243,7 @@ def _resolve_paths(cfg: ReleaseConfig, base: str) -> None:
     cfg.checkpoint = rel(cfg.checkpoint)
     cfg.output = rel(cfg.output) or cfg.output
     cfg.tokenizer.path = rel(cfg.tokenizer.path)
+    cfg.mapping = rel(cfg.mapping)
     cfg.card.template = rel(cfg.card.template)
     if isinstance(cfg.model_args, str) and os.path.exists(os.path.join(base, cfg.model_args)):
         cfg.model_args = rel(cfg.model_args)
@@ -255,6 +257,7 @@ STARTER = """\
 adapter: torchtitan                 # source framework (`hubconv adapters`), optionally :family
 checkpoint: outputs/checkpoint/step-1000
 model_args: model_args.yaml         # native hyperparameters: a file, a job TOML or a flavor name (8B)
+# mapping: hubconv-mapping.yml      # with `adapter: mapping`: your model's YAML mapping (examples/tutorial-gpt)
 tokenizer:
   path: assets/tokenizer/tokenizer.model   # HF folder, tiktoken BPE, SentencePiece .model or meta.pkl
   # bos_token: "<|begin_of_text|>"

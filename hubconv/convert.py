@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -13,11 +14,11 @@ from typing import Any
 
 from hubconv import __version__
 from hubconv.adapters import registry
-from hubconv.adapters.base import ConversionPlan
+from hubconv.adapters.base import Adapter, ConversionPlan
 from hubconv.atomic import prepare_output, publish_dir, staging_dir
 from hubconv.dtypes import DType, parse_user_dtype
-from hubconv.errors import HubconvError, OutputError
-from hubconv.hf_target import TargetCheck, compare
+from hubconv.errors import HubconvError, MappingError, OutputError
+from hubconv.hf_target import TargetCheck, TargetSpec, compare
 from hubconv.io.tensor import numel
 from hubconv.io.writer import ShardPlan, ShardSink, parse_size, plan_shards, write_model
 
@@ -38,8 +39,24 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
 
 
-def build_plan(adapter_spec: str, ckpt: Any, model_args: str | Mapping[str, Any] | None) -> ConversionPlan:
+def load_adapter(adapter_spec: str, mapping: str | None = None) -> tuple[Adapter, str | None]:
+    """The adapter `adapter_spec` names (and its family, if given), configured from a mapping file when one is given
+    (`--adapter mapping --mapping FILE.yml`); adapters that take no mapping file refuse one."""
     adapter, family = registry.get(adapter_spec)
+    if mapping is not None:
+        configure = getattr(adapter, "with_mapping", None)
+        if configure is None:
+            raise HubconvError(f"--mapping {mapping}: adapter {adapter.name!r} takes no mapping file")
+        adapter = configure(mapping)
+    elif getattr(adapter, "with_mapping", None) is not None and getattr(adapter, "spec", None) is None:
+        raise HubconvError(f"adapter {adapter.name!r} needs a mapping file: pass --mapping FILE.yml")
+    return adapter, family
+
+
+def build_plan(
+    adapter_spec: str, ckpt: Any, model_args: str | Mapping[str, Any] | None, mapping: str | None = None
+) -> ConversionPlan:
+    adapter, family = load_adapter(adapter_spec, mapping)
     family = family or adapter.detect_family(ckpt)
     return adapter.plan(ckpt, family, adapter.load_args(model_args))
 
@@ -55,9 +72,10 @@ def _run(
     use_cache: bool,
     tokenizer: str | None = None,
     sink: ShardSink | None = None,
+    mapping: str | None = None,
 ) -> ConversionPlan:
-    with registry.get(adapter)[0].open(checkpoint) as ckpt:
-        plan = build_plan(adapter, ckpt, model_args)
+    with load_adapter(adapter, mapping)[0].open(checkpoint) as ckpt:
+        plan = build_plan(adapter, ckpt, model_args, mapping)
         targets = {t.name: t for t in plan.targets}
         dtypes = {t.name: (out_dtype if out_dtype and t.dtype.is_float else t.dtype) for t in plan.targets}
         dominant = max(plan.targets, key=lambda t: t.dtype.itemsize * numel(t.shape))
@@ -83,13 +101,13 @@ def _run(
             )
             # Completeness against the real transformers architecture before the first byte is written
             # (or uploaded, with a streaming sink): a missing or misshapen parameter costs nothing yet.
-            compare(check.result(), {t.name: t.shape for t in plan.targets})
+            _compare(check.result(), plan)
             write_model(shards, targets, staging, show_progress=progress, sink=sink)
             if tokenizer:
                 notes = _add_tokenizer(tokenizer, staging, plan)
                 plan.notes.extend(notes)
             with open(os.path.join(staging, "hubconv.json"), "w") as f:
-                json.dump(_record(plan, checkpoint), f, indent=2)
+                json.dump(_record(plan, checkpoint, mapping), f, indent=2)
                 f.write("\n")
             publish_dir(staging, output)
         except OSError as e:
@@ -117,13 +135,17 @@ def convert(
     use_cache: bool = True,
     tokenizer: str | None = None,
     sink: ShardSink | None = None,
+    mapping: str | None = None,
 ) -> ConvertResult:
-    """Convert `checkpoint` with `adapter` into the HF folder `output` (written atomically)."""
+    """Convert `checkpoint` with `adapter` into the HF folder `output` (written atomically); `mapping` is the YAML
+    file of `--adapter mapping`."""
     start = time.monotonic()
-    prepare_output(output, overwrite, input_paths(checkpoint, tokenizer, model_args))
+    prepare_output(output, overwrite, input_paths(checkpoint, tokenizer, model_args, mapping))
     out_dtype = parse_user_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    plan = _run(adapter, checkpoint, output, model_args, out_dtype, shard_bytes, progress, use_cache, tokenizer, sink)
+    plan = _run(
+        adapter, checkpoint, output, model_args, out_dtype, shard_bytes, progress, use_cache, tokenizer, sink, mapping
+    )
     files = {n: os.path.getsize(os.path.join(output, n)) for n in sorted(os.listdir(output)) if not n.startswith(".")}
     return ConvertResult(
         output,
@@ -139,7 +161,10 @@ def convert(
 
 
 def input_paths(
-    checkpoint: str | None, tokenizer: str | None, model_args: str | Mapping[str, Any] | None
+    checkpoint: str | None,
+    tokenizer: str | None,
+    model_args: str | Mapping[str, Any] | None,
+    mapping: str | None = None,
 ) -> dict[str, str | None]:
     """The local paths a conversion reads, by label, for `prepare_output` (a model-args flavor name that
     is not a path is skipped there)."""
@@ -147,6 +172,7 @@ def input_paths(
         "checkpoint": checkpoint,
         "tokenizer": tokenizer,
         "model args file": model_args if isinstance(model_args, str) else None,
+        "mapping file": mapping,
     }
 
 
@@ -172,8 +198,24 @@ def _check_free_space(folder: str, shards: ShardPlan, streaming: bool = False) -
         )
 
 
-def _record(plan: ConversionPlan, checkpoint: str) -> dict[str, Any]:
+def _compare(spec: TargetSpec, plan: ConversionPlan) -> None:
+    """The plan against the transformers architecture; a mis-shaped target names the rule that produced it."""
+    produced = {t.name: t.shape for t in plan.targets}
+    try:
+        compare(spec, produced)
+    except MappingError as e:
+        wrong = [k for k in produced if k in spec.params and spec.params[k] != produced[k] and k in plan.origins]
+        if not wrong:
+            raise
+        raise MappingError(f"{e} ({'; '.join(f'{k} comes from {plan.origins[k]}' for k in wrong[:3])})") from None
+
+
+def _record(plan: ConversionPlan, checkpoint: str, mapping: str | None = None) -> dict[str, Any]:
     """Provenance written next to the weights (`hubconv.json`)."""
+    mapped = {}
+    if mapping is not None:
+        with open(mapping, "rb") as f:
+            mapped = {"mapping": {"path": mapping, "sha256": hashlib.sha256(f.read()).hexdigest()}}
     return {
         "hubconv_version": __version__,
         "adapter": plan.adapter,
@@ -182,4 +224,5 @@ def _record(plan: ConversionPlan, checkpoint: str) -> dict[str, Any]:
         "native_args": plan.native_args,
         "dropped": plan.dropped,
         "lossy": plan.lossy,
+        **mapped,  # the mapping file as given, and its digest
     }

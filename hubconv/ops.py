@@ -9,12 +9,15 @@ lossy steps are recorded in `hubconv.json` and on the model card.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from hubconv import views as V
-from hubconv.dtypes import BY_NAME, DType, parse_user_dtype
+from hubconv.dtypes import BY_NAME, DType, from_float32, parse_user_dtype, to_float32
 from hubconv.errors import MappingError
 from hubconv.io.tensor import LazyTensor
 
@@ -314,6 +317,56 @@ def _cast_inverse(p, s, d):
 
 
 register(Op("cast", _cast, _cast_inverse, params=("dtype",), doc="convert to `dtype` (round to nearest even)"))
+
+
+def _scale_value(params: Mapping[str, Any]) -> float:
+    factor, power = params.get("factor", 1), params.get("power", 1)
+    for key, v in (("factor", factor), ("power", power)):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise MappingError(f"op scale: parameter {key} must be a finite number, got {v!r}")
+    if factor <= 0:
+        raise MappingError(f"op scale: parameter factor must be positive, got {factor!r}")
+    return float(factor) ** float(power)
+
+
+def _scale(inputs, names, params):
+    (src,) = inputs
+    value = _scale_value(params)
+    start, stop = params.get("start", 0), params.get("stop", _rows(src.shape))
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= _rows(src.shape)):
+        raise MappingError(f"op scale: rows {start}..{stop} are outside {src.name!r} ({_rows(src.shape)} rows)")
+    if src.dtype.name not in ("F32", "BF16", "F16"):
+        raise MappingError(f"op scale: {src.name!r} is {src.dtype}: only float32, bfloat16 and float16 scale")
+    if start == stop:
+        return [V.rename(src, names[0])]
+
+    def fn(raw: np.ndarray) -> np.ndarray:  # the product rounded once to float32, then to the storage dtype
+        return from_float32((to_float32(raw, src.dtype).astype(np.float64) * value).astype(np.float32), src.dtype)
+
+    scaled = V.Elementwise(names[0], src, src.dtype, fn)
+    if start == 0 and stop == _rows(src.shape):
+        return [scaled]
+    pieces = [V.Piece(0, 0, start), V.Piece(1, start, stop), V.Piece(0, stop, _rows(src.shape))]
+    return [V.Rows(names[0], [src, scaled], pieces)]
+
+
+def _scale_inverse(p, s, d):
+    value = _scale_value(p)
+    if math.frexp(value)[0] == 0.5:  # a power of two: every normal value scales back bit for bit
+        return ("scale", {**p, "power": -p.get("power", 1)})
+    return f"multiplying by {value:.9g} rounds each value (within half an ulp)"
+
+
+register(
+    Op(
+        "scale",
+        _scale,
+        _scale_inverse,
+        params=("factor", "power", "start", "stop"),
+        doc="rows [start, stop) multiplied by factor ** power (folds an attention scale into q); exact when that "
+        "is a power of two",
+    )
+)
 
 
 def _tie(inputs, names, params):

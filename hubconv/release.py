@@ -114,7 +114,7 @@ def run_release(
 
     cfg.require("adapter", "checkpoint")
     assert cfg.adapter is not None and cfg.checkpoint is not None
-    inputs = input_paths(cfg.checkpoint, cfg.tokenizer.path, cfg.model_args)
+    inputs = input_paths(cfg.checkpoint, cfg.tokenizer.path, cfg.model_args, cfg.mapping)
     inputs.update({"config file": cfg.source, "card template": cfg.card.template})
     inputs.update({f"card section {k}": v for k, v in cfg.card.extra_sections.items() if v.endswith(".md")})
     prepare_output(cfg.output, overwrite, inputs)
@@ -134,6 +134,7 @@ def run_release(
             max_shard_size=cfg.max_shard_size,
             progress=progress,
             sink=sink,
+            mapping=cfg.mapping,
         )
         checks.append(
             StageCheck(
@@ -166,7 +167,9 @@ def run_release(
         else:
             checks.append(StageCheck("tokenizer", "tokenizer", "warn", "no tokenizer configured: none published"))
 
-        native = (f"{conversion.adapter}:{conversion.family}", cfg.checkpoint)
+        native: tuple[str, ...] = (f"{conversion.adapter}:{conversion.family}", cfg.checkpoint)
+        if cfg.mapping:
+            native += (cfg.mapping,)
         if sink is None:
             smoke = run_smoke(
                 staging,

@@ -197,11 +197,11 @@ def run_smoke(
     max_new_tokens: int = 32,
     parity: bool = True,
     positions: int = 96,
-    native: tuple[str, str] | None = None,
+    native: tuple[str, ...] | None = None,
     device: str = "auto",
     dtype: str = "auto",
 ) -> SmokeReport:
-    """Run every check on `model_dir`; `native` = (adapter spec, checkpoint) enables parity."""
+    """Run every check on `model_dir`; `native` = (adapter spec, checkpoint[, mapping file]) enables parity."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -321,16 +321,23 @@ def _generate(model: Any, tokenizer: Any, p: Prompt, max_new_tokens: int, device
     return Generation(p.prompt, text, len(new), round(len(new) / max(seconds, 1e-9), 1), p.expect, bool(passed))
 
 
-def _parity(model: Any, native: tuple[str, str], model_dir: str, positions: int, device: str, dtype: str):
+def _parity(model: Any, native: tuple[str, ...], model_dir: str, positions: int, device: str, dtype: str):
     import torch
 
-    from hubconv.adapters.registry import get
+    from hubconv.convert import load_adapter
 
     with open(os.path.join(model_dir, "hubconv.json")) as f:
         native_args = json.load(f)["native_args"]
-    adapter, _ = get(native[0])
+    adapter, _ = load_adapter(native[0], native[2] if len(native) > 2 else None)
     tokens = _parity_tokens(model.config.vocab_size, positions)
     pos = parity_positions(positions, int(model.config.max_position_embeddings))
+    if not getattr(adapter, "reference_takes_positions", True):  # e.g. a user's forward(idx) without position ids
+        if positions > int(model.config.max_position_embeddings):
+            raise HubconvError(
+                f"smoke: the reference forward takes no positions, so parity runs on 0..{positions - 1}, beyond the "
+                f"model's {model.config.max_position_embeddings} positions: pass --positions (>= 64) that fits"
+            )
+        pos = torch.arange(positions)
     with adapter.open(native[1]) as ckpt:
         ref = adapter.reference_logits(ckpt, native_args, tokens, pos)
     if ref is None:

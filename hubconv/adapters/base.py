@@ -39,6 +39,7 @@ class ConversionPlan:
     # Targets that are not an exact image of source tensors, with why (trimmed vocabulary rows,
     # synthesized zeros, narrowing casts): recorded in hubconv.json and on the model card.
     lossy: dict[str, str] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)  # target -> the rule that produced it (for errors)
 
 
 class Adapter(ABC):

@@ -119,6 +119,7 @@ class RuleAdapter(Adapter):
             generation_config=self.generation_config(args),
             native_args=args,
             lossy=lossy,
+            origins={t: r.rule.describe() for r in records for t in r.targets},
         )
 
     def expected_targets(self, table: RuleTable, args: Mapping[str, Any]) -> dict[str, str]:

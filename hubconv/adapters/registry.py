@@ -12,6 +12,7 @@ from hubconv.errors import HubconvError
 _BUILTIN = {
     "torchtitan": "hubconv.adapters.torchtitan",
     "nanogpt": "hubconv.adapters.nanogpt",
+    "mapping": "hubconv.adapters.mapping",
 }
 _ADAPTERS: dict[str, Adapter] = {}
 
