@@ -523,15 +523,40 @@ def _add_action(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_adapters(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("adapters", help="list registered adapters", description="List registered adapters.")
+    p = sub.add_parser(
+        "adapters",
+        help="list adapters (built-in and installed plugins), ops and checkpoint readers",
+        description="List built-in adapters and installed plugins (entry points in the group hubconv.adapters, "
+        "imported to describe them) with where each comes from; a plugin that fails to load is listed with its "
+        "error. Plugins are also named directly: --adapter path/to/file.py:ClassName or "
+        "--adapter package.module:ClassName (importing a plugin executes its code).",
+    )
+    p.add_argument("--ops", action="store_true", help="also list the ops mapping rules can use")
+    p.add_argument("--readers", action="store_true", help="also list the checkpoint readers, in the order tried")
     p.set_defaults(func=_cmd_adapters)
 
 
 def _cmd_adapters(args: argparse.Namespace) -> int:
-    from hubconv.adapters.registry import available
+    from hubconv.adapters.registry import listing
 
-    for name, adapter in available().items():
-        print(f"{name:12s} {adapter.description} [families: {', '.join(adapter.families)}]")
+    for row in listing():
+        if row.adapter is None:
+            print(f"{row.name:12s} (plugin failed to load) {row.error}")
+            continue
+        print(f"{row.name:12s} {row.adapter.description} [families: {', '.join(row.adapter.families)}]")
+        print(f"{'':12s}   from {row.origin}")
+    if args.ops:
+        from hubconv import ops
+
+        print("\nops:")
+        for name, doc in ops.describe():
+            print(f"  {name:18s} {doc}")
+    if args.readers:
+        from hubconv.io.checkpoint import readers
+
+        print("\ncheckpoint readers (chosen by content, in this order):")
+        for r in readers():
+            print(f"  {r.name:18s} {r.kind:6s} {r.description}")
     return 0
 
 
