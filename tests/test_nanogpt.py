@@ -335,3 +335,14 @@ def test_release_dry_run(tmp_path: Path) -> None:
     record = json.loads((repo / "release" / "hubconv.json").read_text())
     assert record["native_args"]["tokenizer"]["kind"] == "char"
     assert np.isfinite(parity["max_abs_diff"])
+
+
+def test_bundled_example_releases(tmp_path: Path) -> None:
+    """examples/tiny-nanogpt: the shipped char-level run releases with passing parity and a sensible generation."""
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tiny-nanogpt")
+    r = hubconv("release", "--dry-run", "--json", "--output", str(tmp_path / "release"), cwd=example)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["smoke_status"] == "pass"
+    smoke = json.loads((tmp_path / "release" / "smoke.json").read_text())
+    assert smoke["parity"]["passed"] and smoke["parity"]["max_position"] == 127
+    assert "summer" in smoke["generations"][0]["output"]  # the sonnet it was trained on

@@ -1,0 +1,142 @@
+"""Benchmark `hubconv convert --adapter nanogpt` against `cp` of the same nanoGPT `ckpt.pt`.
+
+    .venv/bin/python benchmarks/convert_nanogpt.py [--sizes 0.5,2] [--repeats 3] [--workdir /tmp/hubconv-nanogpt]
+
+For each size (GB of float32 weights, as nanoGPT's train.py keeps them; GPT-2-large width 1280,
+the padded 50304-row vocabulary, block_size 1024, biases; more layers for more GB) it writes a
+`ckpt.pt` in train.py's layout with `torch.save` ({model, optimizer, model_args, iter_num,
+best_val_loss, config}, `_orig_mod.` keys of a compiled model, `lm_head` sharing `wte`'s storage),
+warms the page cache, then alternates `cp CKPT DST` and `hubconv convert` (each preceded by `sync`,
+outputs deleted between runs), with benchmarks/convert.py's timing and RSS sampling. Every layer's
+four Conv1D weights are transposed (column-box reads of the file) and the vocabulary is trimmed to
+50257 rows; everything else is copied inside the kernel. The work folder is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convert import ROOT, folder_bytes, run, warm
+
+N_EMBD, N_HEAD, VOCAB, BLOCK = 1280, 20, 50304, 1024
+
+
+def layer_bytes(c: int = N_EMBD) -> int:
+    return 4 * (12 * c * c + 13 * c)  # c_attn 3c^2, attn.c_proj c^2, c_fc 4c^2, mlp.c_proj 4c^2, biases, norms
+
+
+def make_checkpoint(path: str, gigabytes: float) -> int:
+    """Write a float32 nanoGPT ckpt.pt of about `gigabytes` GB; returns the layer count."""
+    import torch
+
+    fixed = 4 * (VOCAB * N_EMBD + BLOCK * N_EMBD + 2 * N_EMBD)
+    n_layer = max(1, round((gigabytes * 1e9 - fixed) / layer_bytes()))
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape: int) -> torch.Tensor:  # random bit patterns: only bytes matter for timing
+        return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, generator=g).view(torch.float32)
+
+    c = N_EMBD
+    sd = {"transformer.wte.weight": t(VOCAB, c), "transformer.wpe.weight": t(BLOCK, c)}
+    for i in range(n_layer):
+        p = f"transformer.h.{i}."
+        for name, rows, cols in (("attn.c_attn", 3 * c, c), ("attn.c_proj", c, c), ("mlp.c_fc", 4 * c, c)):
+            sd[f"{p}{name}.weight"], sd[f"{p}{name}.bias"] = t(rows, cols), t(rows)
+        sd[f"{p}mlp.c_proj.weight"], sd[f"{p}mlp.c_proj.bias"] = t(c, 4 * c), t(c)
+        for ln in ("ln_1", "ln_2"):
+            sd[f"{p}{ln}.weight"], sd[f"{p}{ln}.bias"] = t(c), t(c)
+    sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = t(c), t(c)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: one storage, as nanoGPT saves it
+    model_args = dict(n_layer=n_layer, n_head=N_HEAD, n_embd=c, block_size=BLOCK, bias=True, vocab_size=VOCAB)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(
+        {
+            "model": {f"_orig_mod.{k}": v for k, v in sd.items()},
+            "optimizer": {"state": {}, "param_groups": []},
+            "model_args": {**model_args, "dropout": 0.0},
+            "iter_num": 600000,
+            "best_val_loss": torch.tensor(2.85),
+            "config": {"dataset": "openwebtext", "compile": True, "block_size": BLOCK},
+        },
+        path,
+    )
+    return n_layer
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="0.5,2", help="comma-separated checkpoint sizes in GB")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default="/tmp/hubconv-nanogpt-bench")
+    ap.add_argument("--hubconv", default=shutil.which("hubconv") or os.path.join(ROOT, ".venv", "bin", "hubconv"))
+    ap.add_argument("--make", nargs=2, metavar=("PATH", "GB"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.make:  # child mode: build one checkpoint, so the parent's memory stays small
+        print(make_checkpoint(a.make[0], float(a.make[1])))
+        return 0
+    results = {}
+    try:
+        for size in [float(s) for s in a.sizes.split(",")]:
+            shutil.rmtree(a.workdir, ignore_errors=True)
+            ckpt = os.path.join(a.workdir, "out", "ckpt.pt")
+            made = subprocess.run(
+                [sys.executable, __file__, "--make", ckpt, str(size)], check=True, capture_output=True
+            )
+            n_layer = int(made.stdout.split()[-1])
+            dst = os.path.join(a.workdir, "hf")
+            warm(os.path.dirname(ckpt))
+            cmd = [a.hubconv, "convert", "--adapter", "nanogpt", "--checkpoint", os.path.dirname(ckpt)]
+            cmd += ["--output", dst, "--quiet", "--overwrite"]
+            run(cmd)  # warm-up: libraries in the page cache, target architecture cached
+            shutil.rmtree(dst)
+            cp_t, hub_t, rss, tree = [], [], [], []
+            for _ in range(a.repeats):
+                cp_t.append(run(["cp", ckpt, dst + ".pt"])[0])
+                os.remove(dst + ".pt")
+                t, r, tr = run(cmd)
+                hub_t.append(t)
+                rss.append(r)
+                tree.append(tr)
+                out_bytes = folder_bytes(dst)
+                shutil.rmtree(dst)
+            ratios = [h / c for h, c in zip(hub_t, cp_t, strict=True)]
+            results[f"{size:g}GB"] = r_ = {
+                "n_layer": n_layer,
+                "checkpoint_bytes": os.path.getsize(ckpt),
+                "output_bytes": out_bytes,
+                "cp_median_s": round(statistics.median(cp_t), 3),
+                "hubconv_median_s": round(statistics.median(hub_t), 3),
+                "ratio_median_of_pairs": round(statistics.median(ratios), 3),
+                "peak_rss_hubconv_MiB": round(max(rss) / 2**20, 1),
+                "peak_rss_tree_MiB": round(max(tree) / 2**20, 1),
+                "cp_s": [round(x, 3) for x in cp_t],
+                "hubconv_s": [round(x, 3) for x in hub_t],
+            }
+            print(
+                f"{size:g} GB ({n_layer} layers): cp {r_['cp_median_s']} s, hubconv {r_['hubconv_median_s']} s "
+                f"(ratio {r_['ratio_median_of_pairs']}, median of pairs); peak RSS {r_['peak_rss_hubconv_MiB']} MiB "
+                f"(process tree {r_['peak_rss_tree_MiB']} MiB)",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(a.workdir, ignore_errors=True)
+    sizes = list(results)
+    if len(sizes) >= 2:
+        small, big = results[sizes[0]], results[sizes[-1]]
+        growth = big["peak_rss_hubconv_MiB"] / small["peak_rss_hubconv_MiB"] - 1
+        results["rss_growth_largest_vs_smallest"] = round(growth, 3)
+        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]}: {growth:+.1%}")
+    json.dump(results, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
