@@ -95,7 +95,11 @@ def open_torch_file(path: str) -> Checkpoint:
 
     _precheck(path)
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if zipfile.is_zipfile(path):
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        else:  # the legacy format cannot be memory-mapped; a file object also keeps torch from going by the name
+            with open(path, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {one_line(e)}") from None
     except _LOAD_ERRORS as e:
