@@ -99,6 +99,13 @@ def open_torch_file(path: str) -> Checkpoint:
             obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         else:  # the legacy format cannot be memory-mapped; a file object also keeps torch from going by the name
             with open(path, "rb") as f:
+                head = f.read(2)
+                if len(head) < 2 or head[0] != 0x80:
+                    raise CheckpointError(
+                        f"{path}: cannot read torch file (neither a torch.save zip archive nor a pickle: "
+                        f"starts with {head.hex() or 'nothing'})"
+                    )
+                f.seek(0)
                 obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {one_line(e)}") from None
