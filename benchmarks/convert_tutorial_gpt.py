@@ -1,0 +1,138 @@
+"""Benchmark `hubconv convert --adapter mapping --mapping examples/tutorial-gpt/mapping.yml` against `cp`.
+
+    .venv/bin/python benchmarks/convert_tutorial_gpt.py [--sizes 0.5,2] [--repeats 3] [--workdir /tmp/hubconv-tgpt]
+
+For each size (GB of float32 weights) it writes a plain state dict with `torch.save`, shaped like the classic
+tutorial GPT (examples/tutorial-gpt/model.py) at width 1280 with 20 heads of 64, a 16384-token vocabulary,
+block_size 256 and its per-head causal-mask buffers; more layers for more GB. Each layer costs the conversion
+the most it can: 60 per-head q/k/v weights fused into one c_attn (gathered rows), the q rows multiplied by
+20**-0.5 (not a power of two: every value is rounded, in blocks), then Conv1D-transposed (column-box reads of
+the file), three more transposes, and 20 dropped mask buffers. The page cache is warmed, then `cp CKPT DST` and
+`hubconv convert` alternate (each after `sync`, outputs deleted between runs), timed and RSS-sampled with
+benchmarks/convert.py's helpers. The work folder is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convert import ROOT, folder_bytes, run, warm
+
+N_EMBD, N_HEAD, VOCAB, BLOCK = 1280, 20, 16384, 256
+MAPPING = os.path.join(ROOT, "examples", "tutorial-gpt", "mapping.yml")
+
+
+def layer_bytes(c: int = N_EMBD) -> int:
+    weights = 4 * (3 * c * c + c * c + c + 8 * c * c + 5 * c + 4 * c)  # q/k/v heads, proj, MLP, biases, norms
+    return weights + 4 * N_HEAD * BLOCK * BLOCK  # the heads' tril buffers
+
+
+def make_checkpoint(path: str, gigabytes: float) -> int:
+    """Write a float32 tutorial-GPT state dict of about `gigabytes` GB; returns the layer count."""
+    import torch
+
+    c, hs = N_EMBD, N_EMBD // N_HEAD
+    fixed = 4 * (2 * VOCAB * c + BLOCK * c + 2 * c)
+    n_layer = max(1, round((gigabytes * 1e9 - fixed) / layer_bytes()))
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape: int) -> torch.Tensor:  # random finite floats: the q rows are really multiplied
+        return torch.randn(shape, generator=g)
+
+    sd = {"token_embedding_table.weight": t(VOCAB, c), "position_embedding_table.weight": t(BLOCK, c)}
+    tril = torch.tril(torch.ones(BLOCK, BLOCK))
+    for i in range(n_layer):
+        p = f"blocks.{i}."
+        for h in range(N_HEAD):
+            for w in ("key", "query", "value"):
+                sd[f"{p}sa.heads.{h}.{w}.weight"] = t(hs, c)
+            sd[f"{p}sa.heads.{h}.tril"] = tril.clone()
+        sd[f"{p}sa.proj.weight"], sd[f"{p}sa.proj.bias"] = t(c, c), t(c)
+        sd[f"{p}ffwd.net.0.weight"], sd[f"{p}ffwd.net.0.bias"] = t(4 * c, c), t(4 * c)
+        sd[f"{p}ffwd.net.2.weight"], sd[f"{p}ffwd.net.2.bias"] = t(c, 4 * c), t(c)
+        for ln in ("ln1", "ln2"):
+            sd[f"{p}{ln}.weight"], sd[f"{p}{ln}.bias"] = t(c), t(c)
+    sd["ln_f.weight"], sd["ln_f.bias"] = t(c), t(c)
+    sd["lm_head.weight"] = t(VOCAB, c)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(sd, path)
+    return n_layer
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="0.5,2", help="comma-separated checkpoint sizes in GB")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default="/tmp/hubconv-tutorial-gpt-bench")
+    ap.add_argument("--hubconv", default=shutil.which("hubconv") or os.path.join(ROOT, ".venv", "bin", "hubconv"))
+    ap.add_argument("--make", nargs=2, metavar=("PATH", "GB"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.make:  # child mode: build one checkpoint, so the parent's memory stays small
+        print(make_checkpoint(a.make[0], float(a.make[1])))
+        return 0
+    results = {}
+    try:
+        for size in [float(s) for s in a.sizes.split(",")]:
+            shutil.rmtree(a.workdir, ignore_errors=True)
+            ckpt = os.path.join(a.workdir, "ckpt.pt")
+            made = subprocess.run(
+                [sys.executable, __file__, "--make", ckpt, str(size)], check=True, capture_output=True
+            )
+            n_layer = int(made.stdout.split()[-1])
+            dst = os.path.join(a.workdir, "hf")
+            warm(a.workdir)
+            cmd = [a.hubconv, "convert", "--adapter", "mapping", "--mapping", MAPPING, "--checkpoint", ckpt]
+            cmd += ["--output", dst, "--quiet", "--overwrite"]
+            run(cmd)  # warm-up: libraries in the page cache, target architecture cached
+            shutil.rmtree(dst)
+            cp_t, hub_t, rss, tree = [], [], [], []
+            for _ in range(a.repeats):
+                cp_t.append(run(["cp", ckpt, dst + ".pt"])[0])
+                os.remove(dst + ".pt")
+                t, r, tr = run(cmd)
+                hub_t.append(t)
+                rss.append(r)
+                tree.append(tr)
+                out_bytes = folder_bytes(dst)
+                shutil.rmtree(dst)
+            ratios = [h / c for h, c in zip(hub_t, cp_t, strict=True)]
+            results[f"{size:g}GB"] = r_ = {
+                "n_layer": n_layer,
+                "checkpoint_bytes": os.path.getsize(ckpt),
+                "output_bytes": out_bytes,
+                "cp_median_s": round(statistics.median(cp_t), 3),
+                "hubconv_median_s": round(statistics.median(hub_t), 3),
+                "ratio_median_of_pairs": round(statistics.median(ratios), 3),
+                "peak_rss_hubconv_MiB": round(max(rss) / 2**20, 1),
+                "peak_rss_tree_MiB": round(max(tree) / 2**20, 1),
+                "cp_s": [round(x, 3) for x in cp_t],
+                "hubconv_s": [round(x, 3) for x in hub_t],
+            }
+            print(
+                f"{size:g} GB ({n_layer} layers): cp {r_['cp_median_s']} s, hubconv {r_['hubconv_median_s']} s "
+                f"(ratio {r_['ratio_median_of_pairs']}, median of pairs); peak RSS {r_['peak_rss_hubconv_MiB']} MiB "
+                f"(process tree {r_['peak_rss_tree_MiB']} MiB)",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(a.workdir, ignore_errors=True)
+    sizes = list(results)
+    if len(sizes) >= 2:
+        small, big = results[sizes[0]], results[sizes[-1]]
+        growth = big["peak_rss_hubconv_MiB"] / small["peak_rss_hubconv_MiB"] - 1
+        results["rss_growth_largest_vs_smallest"] = round(growth, 3)
+        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]}: {growth:+.1%}")
+    json.dump(results, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
