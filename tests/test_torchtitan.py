@@ -259,3 +259,73 @@ def test_streaming_reference_forward_matches_the_test_reference(tmp_path, case) 
         ours = adapter.reference_logits(ck, native, tokens)
     theirs = tt.forward({k: v for k, v in sd.items() if k != "freqs_cis"}, a, tokens)
     assert compare(theirs, ours).max_abs_diff < 1e-4
+
+
+def _arrays(sd: dict) -> dict[str, ArrayTensor]:
+    return {k: ArrayTensor(k, F32, v.float().numpy()) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("key_style", ["legacy", "qkv_linear"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_native_shapes_describe_the_checkpoint(key_style, tied) -> None:
+    """`from_hf` plans against `native_shapes`: it must be exactly the checkpoint's layout (keys and shapes)."""
+    a = tiny(tie_word_embeddings=tied)
+    native = _arrays(tt.random_state_dict(a, seed=1, key_style=key_style))
+    adapter, _ = get("torchtitan")
+    resolved = adapter.resolve_args("test", native, user_args(a))
+    shapes = {k: t.shape for k, t in adapter.native_shapes(resolved).items()}
+    assert shapes == {k: t.shape for k, t in native.items()}
+
+
+def test_plan_in_memory_ties_drops_and_exactness() -> None:
+    from hubconv.errors import MappingError
+    from hubconv.io.checkpoint import Checkpoint
+
+    a = tiny(tie_word_embeddings=True)
+    sd = tt.random_state_dict(a, seed=2, include_tied_output=True)
+    adapter, _ = get("torchtitan")
+    ckpt = Checkpoint("mem", "test", _arrays(sd), entries=["train_state.step"])
+    plan = adapter.plan(ckpt, "llama3", user_args(a))
+    assert plan.dropped == {
+        "output.weight": "tied to tok_embeddings.weight (identical data)",
+        "train_state.step": "train step counters (training only)",
+    }
+    assert plan.lossy == {} and "lm_head.weight" not in {t.name for t in plan.targets}
+    names = [t.name for t in plan.targets]
+    assert names[:3] == ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+                         "model.layers.0.self_attn.q_proj.weight"] and names[-1] == "model.norm.weight"  # fmt: skip
+    # A head that differs from the embeddings while the args say tied is refused, in native names.
+    sd["output.weight"] = sd["tok_embeddings.weight"] + 1
+    user = {**user_args(a), "tie_word_embeddings": True}
+    with pytest.raises(MappingError, match=r"mem: the model is tied, but output\.weight differs from tok_embeddings"):
+        adapter.plan(Checkpoint("mem", "test", _arrays(sd)), "llama3", user)
+    ckpt = Checkpoint("mem", "test", _arrays(sd), entries=["rng_state"])
+    with pytest.raises(MappingError, match=r"non-tensor entry 'rng_state' matches nothing torchtitan knows"):
+        adapter.plan(ckpt, "llama3", user_args(a))
+
+
+def test_key_generations_and_model_prefix_convert_to_identical_bytes(tmp_path) -> None:
+    """Legacy keys (`attention.wq`, `output`), the newer ones (`attention.qkv_linear.wq`, `lm_head`) and an
+    older full checkpoint's `model.` prefix are the same model: the output must be byte-identical."""
+    a = tiny()
+    legacy = tt.random_state_dict(a, seed=4)
+
+    def newer(k: str) -> str:
+        k = k.replace("attention.wq.", "attention.qkv_linear.wq.").replace("attention.wk.", "attention.qkv_linear.wk.")
+        return k.replace("attention.wv.", "attention.qkv_linear.wv.").replace("output.weight", "lm_head.weight")
+
+    layouts = {
+        "legacy": legacy,
+        "qkv_linear": {newer(k): v for k, v in legacy.items()},
+        "prefixed": {f"model.{k}": v for k, v in legacy.items()},
+    }
+    assert "layers.0.attention.qkv_linear.wq.weight" in layouts["qkv_linear"]
+    weights = {}
+    for name, sd in layouts.items():
+        tt.save_dcp(str(tmp_path / name), sd)
+        r = convert(
+            "torchtitan", str(tmp_path / name), str(tmp_path / f"{name}-hf"), model_args=user_args(a), progress=False
+        )
+        assert r.native_args["head_key"] == ("lm_head" if name == "qkv_linear" else "output")
+        weights[name] = (tmp_path / f"{name}-hf" / "model.safetensors").read_bytes()
+    assert weights["legacy"] == weights["qkv_linear"] == weights["prefixed"]
