@@ -135,7 +135,7 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     if os.path.exists(record_path):
         with open(record_path) as f:
             record = json.load(f)
-        adapter = args.adapter or f"{record['adapter']}:{record['family']}"
+        adapter = args.adapter or record.get("adapter_spec") or f"{record['adapter']}:{record['family']}"
         checkpoint = args.checkpoint or record.get("checkpoint")
         mapping = args.mapping or (record.get("mapping") or {}).get("path")
         if checkpoint and os.path.exists(checkpoint):

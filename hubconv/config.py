@@ -241,6 +241,8 @@ def _resolve_paths(cfg: ReleaseConfig, base: str) -> None:
         return os.path.normpath(os.path.join(base, p))
 
     cfg.checkpoint = rel(cfg.checkpoint)
+    if cfg.adapter and ".py:" in cfg.adapter and not os.path.isabs(cfg.adapter):  # a plugin file in the repository
+        cfg.adapter = rel(cfg.adapter)
     cfg.output = rel(cfg.output) or cfg.output
     cfg.tokenizer.path = rel(cfg.tokenizer.path)
     cfg.mapping = rel(cfg.mapping)

@@ -37,6 +37,8 @@ class ConvertResult:
     native_args: dict[str, Any]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    tokenizer: str | None = None  # the tokenizer source written (given, or found by the adapter)
+    found_tokenizer: str | None = None  # a tokenizer the adapter found with the checkpoint
 
 
 def load_adapter(adapter_spec: str, mapping: str | None = None) -> tuple[Adapter, str | None]:
@@ -73,6 +75,7 @@ def _run(
     tokenizer: str | None = None,
     sink: ShardSink | None = None,
     mapping: str | None = None,
+    auto_tokenizer: bool = True,
 ) -> ConversionPlan:
     with load_adapter(adapter, mapping)[0].open(checkpoint) as ckpt:
         plan = build_plan(adapter, ckpt, model_args, mapping)
@@ -103,11 +106,14 @@ def _run(
             # (or uploaded, with a streaming sink): a missing or misshapen parameter costs nothing yet.
             _compare(check.result(), plan)
             write_model(shards, targets, staging, show_progress=progress, sink=sink)
+            if tokenizer is None and auto_tokenizer and plan.tokenizer:
+                tokenizer = plan.tokenizer  # found with the checkpoint (nanoGPT meta.pkl)
+                plan.notes.append(f"tokenizer: {os.path.basename(tokenizer)} found with the checkpoint")
             if tokenizer:
                 notes = _add_tokenizer(tokenizer, staging, plan)
                 plan.notes.extend(notes)
             with open(os.path.join(staging, "hubconv.json"), "w") as f:
-                json.dump(_record(plan, checkpoint, mapping), f, indent=2)
+                json.dump(_record(plan, checkpoint, mapping, adapter), f, indent=2)
                 f.write("\n")
             publish_dir(staging, output)
         except OSError as e:
@@ -136,15 +142,28 @@ def convert(
     tokenizer: str | None = None,
     sink: ShardSink | None = None,
     mapping: str | None = None,
+    auto_tokenizer: bool = True,
 ) -> ConvertResult:
     """Convert `checkpoint` with `adapter` into the HF folder `output` (written atomically); `mapping` is the YAML
-    file of `--adapter mapping`."""
+    file of `--adapter mapping`. Without `tokenizer`, a tokenizer the adapter finds with the checkpoint is written
+    (unless `auto_tokenizer` is false)."""
     start = time.monotonic()
     prepare_output(output, overwrite, input_paths(checkpoint, tokenizer, model_args, mapping))
     out_dtype = parse_user_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     plan = _run(
-        adapter, checkpoint, output, model_args, out_dtype, shard_bytes, progress, use_cache, tokenizer, sink, mapping
+        adapter,
+        checkpoint,
+        output,
+        model_args,
+        out_dtype,
+        shard_bytes,
+        progress,
+        use_cache,
+        tokenizer,
+        sink,
+        mapping,
+        auto_tokenizer,
     )
     files = {n: os.path.getsize(os.path.join(output, n)) for n in sorted(os.listdir(output)) if not n.startswith(".")}
     return ConvertResult(
@@ -157,6 +176,8 @@ def convert(
         plan.native_args,
         time.monotonic() - start,
         plan.notes,
+        tokenizer or (plan.tokenizer if auto_tokenizer else None),
+        plan.tokenizer,
     )
 
 
@@ -210,9 +231,11 @@ def _compare(spec: TargetSpec, plan: ConversionPlan) -> None:
         raise MappingError(f"{e} ({'; '.join(f'{k} comes from {plan.origins[k]}' for k in wrong[:3])})") from None
 
 
-def _record(plan: ConversionPlan, checkpoint: str, mapping: str | None = None) -> dict[str, Any]:
+def _record(plan: ConversionPlan, checkpoint: str, mapping: str | None = None, spec: str = "") -> dict[str, Any]:
     """Provenance written next to the weights (`hubconv.json`)."""
-    mapped = {}
+    mapped: dict[str, Any] = {}
+    if registry.is_plugin_spec(spec):  # `hubconv smoke DIR` finds the plugin again from here
+        mapped["adapter_spec"] = spec
     if mapping is not None:
         with open(mapping, "rb") as f:
             mapped = {"mapping": {"path": mapping, "sha256": hashlib.sha256(f.read()).hexdigest()}}

@@ -135,6 +135,7 @@ def run_release(
             progress=progress,
             sink=sink,
             mapping=cfg.mapping,
+            auto_tokenizer=False,  # written below, with the tokenizer settings of the config
         )
         checks.append(
             StageCheck(
@@ -145,14 +146,22 @@ def run_release(
                 f"with reasons; {sum(conversion.files.values()):,} bytes written",
             )
         )
+        _publishable_record(os.path.join(staging, "hubconv.json"), cfg)
         with open(os.path.join(staging, "config.json")) as f:
             vocab_rows = json.load(f).get("vocab_size")
 
-        if cfg.tokenizer.path:
+        tokenizer_source = cfg.tokenizer.path or conversion.found_tokenizer
+        if tokenizer_source:
             from hubconv.tokenizers import reconcile_special_tokens, write_tokenizer
 
+            if not cfg.tokenizer.path:
+                checks.append(
+                    StageCheck(
+                        "tokenizer", "source", "pass", f"{os.path.basename(tokenizer_source)} found with the checkpoint"
+                    )
+                )
             tok = write_tokenizer(
-                cfg.tokenizer.path,
+                tokenizer_source,
                 staging,
                 kind=cfg.tokenizer.kind,
                 bos_token=cfg.tokenizer.bos_token,
@@ -210,7 +219,10 @@ def run_release(
             converted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             **prov,
         )
-        write_card(staging, card_fields(cfg), provenance)
+        fields = card_fields(cfg)
+        if fields.title is None and fields.repo_id is None:  # the folder being built is a temporary sibling
+            fields.title = os.path.basename(os.path.abspath(cfg.output))
+        write_card(staging, fields, provenance)
         checks.append(StageCheck("card", "README.md", "pass", "metadata validated locally"))
         publish_dir(staging, cfg.output)
     except OSError as e:
@@ -232,6 +244,23 @@ def card_fields(cfg: ReleaseConfig) -> Any:
     from hubconv.card import CardFields
 
     return CardFields(repo_id=cfg.hub.repo_id, **asdict(cfg.card))
+
+
+def _publishable_record(path: str, cfg: ReleaseConfig) -> None:
+    """hubconv.json is published with the model: local paths in it become relative to the config's folder."""
+    with open(path) as f:
+        record = json.load(f)
+    for key in ("checkpoint", "adapter_spec"):
+        value = record.get(key)
+        if isinstance(value, str) and os.path.isabs(value.split(":")[0]):
+            file, sep, rest = value.partition(".py:") if key == "adapter_spec" else (value, "", "")
+            record[key] = _relative(file + (".py" if sep else ""), cfg) + (":" + rest if sep else "")
+    mapping = record.get("mapping")
+    if isinstance(mapping, dict) and isinstance(mapping.get("path"), str) and os.path.isabs(mapping["path"]):
+        mapping["path"] = _relative(mapping["path"], cfg)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
 
 
 def _relative(path: str, cfg: ReleaseConfig) -> str:

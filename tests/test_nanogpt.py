@@ -346,3 +346,29 @@ def test_bundled_example_releases(tmp_path: Path) -> None:
     smoke = json.loads((tmp_path / "release" / "smoke.json").read_text())
     assert smoke["parity"]["passed"] and smoke["parity"]["max_position"] == 127
     assert "summer" in smoke["generations"][0]["output"]  # the sonnet it was trained on
+
+
+def test_meta_pkl_found_with_the_checkpoint_becomes_the_tokenizer(tmp_path: Path) -> None:
+    """Without any tokenizer setting, the char vocabulary nanoGPT's sample.py would use is written (release and
+    convert alike), with ids identical to its stoi."""
+    import pickle
+
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tiny-nanogpt")
+    ckpt = os.path.join(example, "out-sonnets-char")
+    out = tmp_path / "release"
+    r = hubconv("release", "--dry-run", "--json", "--adapter", "nanogpt", "--checkpoint", ckpt, "--output", str(out),
+                "--prompt", "Shall I", cwd=str(tmp_path))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert any(c["name"] == "source" and "meta.pkl found with the checkpoint" in c["detail"] for c in result["checks"])
+    from transformers import AutoTokenizer
+
+    with open(os.path.join(example, "data", "sonnets_char", "meta.pkl"), "rb") as f:
+        stoi = pickle.load(f)["stoi"]
+    tok = AutoTokenizer.from_pretrained(str(out))
+    text = "Shall I compare thee"
+    assert tok(text, add_special_tokens=False).input_ids == [stoi[c] for c in text]
+    converted = tmp_path / "converted"
+    r = hubconv("convert", "--adapter", "nanogpt", "--checkpoint", ckpt, "--output", str(converted), cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "meta.pkl found with the checkpoint" in r.stdout and (converted / "tokenizer.json").is_file()

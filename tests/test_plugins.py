@@ -268,3 +268,20 @@ def test_bad_plugin_through_the_cli_exits_1_with_one_line(tmp_path, plugin) -> N
         f"hubconv: error: adapter plugin {path}:NotAnAdapter: class NotAnAdapter is not a subclass of "
         "hubconv.adapters.base.Adapter (subclass hubconv.adapters.generic.RuleAdapter)"
     ]
+
+
+def test_plugin_named_in_a_config_is_found_from_the_config_folder_and_by_smoke(tmp_path, plugin) -> None:
+    """`adapter: plugin.py:MyAdapter` in .hubconv.yml is relative to the config's folder; the spec is recorded in
+    hubconv.json (relative there too, since it is published), so `hubconv smoke DIR` loads the plugin again."""
+    path, ckpt = plugin
+    (tmp_path / ".hubconv.yml").write_text(
+        "adapter: plugin.py:MyAdapter\ncheckpoint: toy.safetensors\noutput: release\nsmoke:\n  parity: false\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = hubconv("release", "--dry-run", "--config", str(tmp_path / ".hubconv.yml"), "--quiet", cwd=str(elsewhere))
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / "release" / "hubconv.json").read_text())
+    assert record["adapter_spec"] == "plugin.py:MyAdapter" and record["checkpoint"] == "toy.safetensors"
+    r = hubconv("smoke", str(tmp_path / "release"), "--no-parity", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import EXAMPLE, EXAMPLE_SOURCE, hubconv
+from tests.helpers import EXAMPLE, EXAMPLE_SOURCE, ROOT, hubconv
 
 __all__ = ["EXAMPLE_SOURCE", "hubconv"]
 
@@ -54,6 +54,10 @@ def test_card_lists_real_checksums_and_parity(release) -> None:
     assert smoke["parity"]["passed"] and smoke["parity"]["positions"] == 96
     assert f"{smoke['parity']['max_abs_diff']:.3g}" in card
     assert "/work" not in card and os.path.expanduser("~") + "/" not in card  # no local paths leaked
+    # hubconv.json is published too: its checkpoint path is relative to the config's folder.
+    record = json.load(open(os.path.join(release, "hubconv.json")))
+    assert record["checkpoint"] == "step-800"
+    assert ROOT not in open(os.path.join(release, "hubconv.json")).read()
 
 
 def test_failed_smoke_leaves_nothing(tmp_path) -> None:
@@ -97,6 +101,9 @@ def test_flags_alone_without_config(tmp_path) -> None:
     assert "no tokenizer configured" in r.stdout
     smoke = json.load(open(os.path.join(out, "smoke.json")))
     assert smoke["generations"][0]["new_tokens"] == 6 and smoke["parity"] is None
+    # No repo id and no title: the card is titled after the release folder, not its temporary sibling.
+    card = open(os.path.join(out, "README.md")).read()
+    assert "\n# release\n" in card and "hubconv-release" not in card
 
 
 def test_existing_output_is_kept_without_overwrite(tmp_path) -> None:

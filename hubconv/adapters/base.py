@@ -39,6 +39,8 @@ class ConversionPlan:
     # Targets that are not an exact image of source tensors, with why (trimmed vocabulary rows,
     # synthesized zeros, narrowing casts): recorded in hubconv.json and on the model card.
     lossy: dict[str, str] = field(default_factory=dict)
+    # A tokenizer source the adapter found with the checkpoint (nanoGPT's meta.pkl), used when none is given.
+    tokenizer: str | None = None
     origins: dict[str, str] = field(default_factory=dict)  # target -> the rule that produced it (for errors)
 
 

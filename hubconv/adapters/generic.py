@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from hubconv.adapters.base import Adapter, ConversionPlan
-from hubconv.adapters.rules import Mapped, RuleTable
+from hubconv.adapters.rules import Mapped, Rule, RuleTable
 from hubconv.errors import MappingError
 from hubconv.io.checkpoint import Checkpoint
 from hubconv.io.tensor import LazyTensor, row_blocks
@@ -137,7 +137,7 @@ class RuleAdapter(Adapter):
                     n = evaluate(count, args, rule.describe())
                     combos = [{**c, var: i} for c in combos for i in range(int(n))]
                 for c in combos:
-                    out[dst.format(**c)] = rule.describe()
+                    out[dst.format(**c)] = _native_names(rule, c) or rule.describe()
         return out
 
     def check_complete(self, where: str, table: RuleTable, records: list[Mapped], args: Mapping[str, Any]) -> None:
@@ -147,10 +147,11 @@ class RuleAdapter(Adapter):
             expected = {k: v for k, v in expected.items() if k not in self.tied_heads(args)}
         missing = sorted(set(expected) - produced)
         if missing:
+            needed = list(dict.fromkeys(expected[m] for m in missing))  # native names, in order, once each
             raise MappingError(
                 f"{where}: checkpoint lacks tensors needed by the model: "
-                + ", ".join(f"{m} (from {expected[m]})" for m in missing[:8])
-                + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+                + ", ".join(needed[:8])
+                + (f" and {len(needed) - 8} more" if len(needed) > 8 else "")
             )
 
     def tied_heads(self, args: Mapping[str, Any]) -> set[str]:
@@ -172,3 +173,12 @@ class RuleAdapter(Adapter):
     def native_shapes(self, args: Mapping[str, Any]) -> dict[str, LazyTensor]:
         """Shape-only native tensors for `args` (what `from_hf` plans against); adapters that import implement it."""
         raise MappingError(f"adapter {self.name} cannot describe its native layout from args alone")
+
+
+def _native_names(rule: Rule, binding: Mapping[str, int]) -> str:
+    """The source keys a rule reads for one binding, as the checkpoint names them (gathers shown as `{h*}`)."""
+    filled = [
+        re.sub(r"\{(\w+)\}", lambda m: str(binding[m.group(1)]) if m.group(1) in binding else m.group(0), p)
+        for p in rule.roles.values()
+    ]
+    return " + ".join(filled)

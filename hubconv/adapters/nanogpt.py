@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hubconv import views as V
+from hubconv.adapters.base import ConversionPlan
 from hubconv.adapters.generic import RuleAdapter
 from hubconv.adapters.registry import register
 from hubconv.adapters.rules import Drop, Rule, RuleTable
@@ -127,6 +128,16 @@ class NanoGPTAdapter(RuleAdapter):
     tied_pair = ("transformer.wte.weight", "lm_head.weight")
 
     # ---- opening and detection ----------------------------------------------------------------
+    def plan(self, ckpt: Checkpoint, family: str, user_args: Mapping[str, Any]) -> ConversionPlan:
+        plan = super().plan(ckpt, family, user_args)
+        if plan.native_args.get("tokenizer", {}).get("kind") == "char":  # offer the meta.pkl as the tokenizer
+            meta = user_args.get("meta_pkl")
+            if meta is None or meta is True:
+                config = ckpt.values.get("config")
+                meta = find_meta(ckpt.path, config.get("dataset") if isinstance(config, Mapping) else None)
+            plan.tokenizer = os.path.abspath(str(meta)) if meta else None
+        return plan
+
     def open(self, path: str) -> Checkpoint:
         """`ckpt.pt`, or nanoGPT's `out_dir` holding it."""
         if os.path.isdir(path):

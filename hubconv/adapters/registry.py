@@ -124,6 +124,11 @@ def listing() -> list[Listed]:
     return sorted(rows, key=lambda r: r.name)
 
 
+def is_plugin_spec(spec: str) -> bool:
+    """True for `PATH.py:CLASS[...]` and `PACKAGE.MODULE:CLASS[...]` (code named on the command line)."""
+    return not _NAME_SPEC.match(spec) and bool(_FILE_SPEC.match(spec) or _MODULE_SPEC.match(spec))
+
+
 def get(spec: str) -> tuple[Adapter, str | None]:
     """An `--adapter` spec (see the module docstring) -> (adapter, family or None)."""
     if m := _NAME_SPEC.match(spec):

@@ -21,7 +21,7 @@ from hubconv.adapters import torchtitan_args
 from hubconv.adapters.base import ConversionPlan
 from hubconv.adapters.generic import RuleAdapter, same_data
 from hubconv.adapters.registry import register
-from hubconv.adapters.rules import Drop, Mapped, Rule, RuleTable
+from hubconv.adapters.rules import Drop, Rule, RuleTable
 from hubconv.adapters.torchtitan_flavors import (
     LLAMA3_DEFAULTS,
     LLAMA3_FLAVORS,
@@ -286,22 +286,6 @@ class TorchTitanAdapter(RuleAdapter):
         order = {n: i for i, n in enumerate(_output_order(self.table(plan.native_args), plan.native_args["n_layers"]))}
         plan.targets.sort(key=lambda t: order.get(t.name, len(order)))
         return plan
-
-    def check_complete(self, where: str, table: RuleTable, records: list[Mapped], args: Mapping[str, Any]) -> None:
-        """Every parameter the model needs is produced; a missing one is named as the checkpoint names it."""
-        produced = {t for r in records for t in r.targets}
-        missing: dict[str, str] = {}
-        for rule in table.rules:
-            (dst,), (src,) = rule.targets, rule.roles.values()
-            for i in range(args["n_layers"]) if "{i}" in dst else [0]:
-                name = dst.format(i=i)
-                if name not in produced and not (name == "lm_head.weight" and self.tied(args)):
-                    missing[name] = src.format(i=i)
-        if missing:
-            raise MappingError(
-                f"{where}: checkpoint lacks tensors needed by the model: "
-                + ", ".join(missing[n] for n in sorted(missing)[:10])
-            )
 
     def native_shapes(self, args: Mapping[str, Any]) -> dict[str, LazyTensor]:
         """Shape-only native tensors for `args` in its key generation (no head when tied): what `from_hf` plans
