@@ -184,6 +184,69 @@ def run(cmd: list[str]) -> tuple[float, int, int]:
     return wall, peak, peak_tree
 
 
+def bench_file_checkpoint(
+    script: str, adapter_args: list[str], sizes: list[float], repeats: int, workdir: str, hubconv: str
+) -> dict[str, object]:
+    """Time `hubconv convert` of one-file checkpoints (`script --make PATH GB` builds each in a child process, so
+    this process stays small) against `cp` of the same file, alternating, page cache warm; peak RSS of hubconv and
+    of its process tree. Prints a line per size and the RSS growth from the smallest to the largest."""
+    results: dict[str, object] = {}
+    try:
+        for size in sizes:
+            shutil.rmtree(workdir, ignore_errors=True)
+            ckpt = os.path.join(workdir, "ckpt.pt")
+            made = subprocess.run([sys.executable, script, "--make", ckpt, str(size)], check=True, capture_output=True)
+            n_layers = int(made.stdout.split()[-1])
+            dst = os.path.join(workdir, "hf")
+            warm(workdir)
+            cmd = [hubconv, "convert", *adapter_args, "--checkpoint", ckpt, "--output", dst, "--quiet", "--overwrite"]
+            run(cmd)  # warm-up: libraries in the page cache, target architecture cached
+            shutil.rmtree(dst)
+            cp_t, hub_t, rss, tree = [], [], [], []
+            for _ in range(repeats):
+                cp_t.append(run(["cp", ckpt, dst + ".pt"])[0])
+                os.remove(dst + ".pt")
+                t, r, tr = run(cmd)
+                hub_t.append(t)
+                rss.append(r)
+                tree.append(tr)
+                out_bytes = folder_bytes(dst)
+                shutil.rmtree(dst)
+            ratios = [h / c for h, c in zip(hub_t, cp_t, strict=True)]
+            results[f"{size:g}GB"] = r_ = {
+                "n_layers": n_layers,
+                "checkpoint_bytes": os.path.getsize(ckpt),
+                "output_bytes": out_bytes,
+                "cp_median_s": round(statistics.median(cp_t), 3),
+                "hubconv_median_s": round(statistics.median(hub_t), 3),
+                "ratio_median_of_pairs": round(statistics.median(ratios), 3),
+                "peak_rss_hubconv_MiB": round(max(rss) / 2**20, 1),
+                "peak_rss_tree_MiB": round(max(tree) / 2**20, 1),
+                "cp_s": [round(x, 3) for x in cp_t],
+                "hubconv_s": [round(x, 3) for x in hub_t],
+            }
+            print(
+                f"{size:g} GB ({n_layers} layers): cp {r_['cp_median_s']} s, hubconv {r_['hubconv_median_s']} s "
+                f"(ratio {r_['ratio_median_of_pairs']}, median of pairs); peak RSS {r_['peak_rss_hubconv_MiB']} MiB "
+                f"(process tree {r_['peak_rss_tree_MiB']} MiB)",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report_growth(results)
+    return results
+
+
+def report_growth(results: dict[str, object]) -> None:
+    """Add and print the peak-RSS growth from the smallest to the largest size (flat memory means ~0)."""
+    sizes = [k for k in results if k.endswith("GB")]
+    if len(sizes) >= 2:
+        small, big = results[sizes[0]], results[sizes[-1]]
+        growth = big["peak_rss_hubconv_MiB"] / small["peak_rss_hubconv_MiB"] - 1  # type: ignore[index]
+        results["rss_growth_largest_vs_smallest"] = round(growth, 3)
+        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]}: {growth:+.1%}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4", help="comma-separated checkpoint sizes in GB")
@@ -263,12 +326,7 @@ def main() -> int:
             "transformers child)",
             flush=True,
         )
-    sizes = list(results)
-    if len(sizes) >= 2:
-        small, big = results[sizes[0]], results[sizes[-1]]
-        growth = big["peak_rss_hubconv_MiB"] / small["peak_rss_hubconv_MiB"] - 1
-        results["rss_growth_largest_vs_smallest"] = round(growth, 3)
-        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]}: {growth:+.1%}")
+    report_growth(results)
     json.dump(results, sys.stdout, indent=2)
     print()
     return 0

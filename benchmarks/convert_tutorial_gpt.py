@@ -18,12 +18,10 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert import ROOT, folder_bytes, run, warm
+from convert import ROOT, bench_file_checkpoint
 
 N_EMBD, N_HEAD, VOCAB, BLOCK = 1280, 20, 16384, 256
 MAPPING = os.path.join(ROOT, "examples", "tutorial-gpt", "mapping.yml")
@@ -77,58 +75,10 @@ def main() -> int:
     if a.make:  # child mode: build one checkpoint, so the parent's memory stays small
         print(make_checkpoint(a.make[0], float(a.make[1])))
         return 0
-    results = {}
-    try:
-        for size in [float(s) for s in a.sizes.split(",")]:
-            shutil.rmtree(a.workdir, ignore_errors=True)
-            ckpt = os.path.join(a.workdir, "ckpt.pt")
-            made = subprocess.run(
-                [sys.executable, __file__, "--make", ckpt, str(size)], check=True, capture_output=True
-            )
-            n_layer = int(made.stdout.split()[-1])
-            dst = os.path.join(a.workdir, "hf")
-            warm(a.workdir)
-            cmd = [a.hubconv, "convert", "--adapter", "mapping", "--mapping", MAPPING, "--checkpoint", ckpt]
-            cmd += ["--output", dst, "--quiet", "--overwrite"]
-            run(cmd)  # warm-up: libraries in the page cache, target architecture cached
-            shutil.rmtree(dst)
-            cp_t, hub_t, rss, tree = [], [], [], []
-            for _ in range(a.repeats):
-                cp_t.append(run(["cp", ckpt, dst + ".pt"])[0])
-                os.remove(dst + ".pt")
-                t, r, tr = run(cmd)
-                hub_t.append(t)
-                rss.append(r)
-                tree.append(tr)
-                out_bytes = folder_bytes(dst)
-                shutil.rmtree(dst)
-            ratios = [h / c for h, c in zip(hub_t, cp_t, strict=True)]
-            results[f"{size:g}GB"] = r_ = {
-                "n_layer": n_layer,
-                "checkpoint_bytes": os.path.getsize(ckpt),
-                "output_bytes": out_bytes,
-                "cp_median_s": round(statistics.median(cp_t), 3),
-                "hubconv_median_s": round(statistics.median(hub_t), 3),
-                "ratio_median_of_pairs": round(statistics.median(ratios), 3),
-                "peak_rss_hubconv_MiB": round(max(rss) / 2**20, 1),
-                "peak_rss_tree_MiB": round(max(tree) / 2**20, 1),
-                "cp_s": [round(x, 3) for x in cp_t],
-                "hubconv_s": [round(x, 3) for x in hub_t],
-            }
-            print(
-                f"{size:g} GB ({n_layer} layers): cp {r_['cp_median_s']} s, hubconv {r_['hubconv_median_s']} s "
-                f"(ratio {r_['ratio_median_of_pairs']}, median of pairs); peak RSS {r_['peak_rss_hubconv_MiB']} MiB "
-                f"(process tree {r_['peak_rss_tree_MiB']} MiB)",
-                flush=True,
-            )
-    finally:
-        shutil.rmtree(a.workdir, ignore_errors=True)
-    sizes = list(results)
-    if len(sizes) >= 2:
-        small, big = results[sizes[0]], results[sizes[-1]]
-        growth = big["peak_rss_hubconv_MiB"] / small["peak_rss_hubconv_MiB"] - 1
-        results["rss_growth_largest_vs_smallest"] = round(growth, 3)
-        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]}: {growth:+.1%}")
+    sizes = [float(s) for s in a.sizes.split(",")]
+    results = bench_file_checkpoint(
+        __file__, ["--adapter", "mapping", "--mapping", MAPPING], sizes, a.repeats, a.workdir, a.hubconv
+    )
     json.dump(results, sys.stdout, indent=2)
     print()
     return 0
