@@ -270,10 +270,10 @@ def test_bad_plugin_through_the_cli_exits_1_with_one_line(tmp_path, plugin) -> N
     ]
 
 
-def test_plugin_named_in_a_config_is_found_from_the_config_folder_and_by_smoke(tmp_path, plugin) -> None:
+@pytest.mark.usefixtures("plugin")  # writes plugin.py and toy.safetensors into tmp_path
+def test_plugin_named_in_a_config_is_found_from_the_config_folder_and_by_smoke(tmp_path) -> None:
     """`adapter: plugin.py:MyAdapter` in .hubconv.yml is relative to the config's folder; the spec is recorded in
     hubconv.json (relative there too, since it is published), so `hubconv smoke DIR` loads the plugin again."""
-    path, ckpt = plugin
     (tmp_path / ".hubconv.yml").write_text(
         "adapter: plugin.py:MyAdapter\ncheckpoint: toy.safetensors\noutput: release\nsmoke:\n  parity: false\n"
     )
