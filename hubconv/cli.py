@@ -26,9 +26,16 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "(sharded safetensors, config.json, generation_config.json), streaming tensor by tensor.",
     )
     p.add_argument(
-        "--adapter", required=True, help="source framework, optionally with family: torchtitan, torchtitan:llama3"
+        "--adapter",
+        required=True,
+        help="source framework (`hubconv adapters`): torchtitan, nanogpt, mapping, optionally NAME:FAMILY; or a "
+        "plugin PATH.py:CLASS or PACKAGE.MODULE:CLASS (this imports and runs that code)",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder or file (TorchTitan: the DCP step-N folder)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint folder or file (TorchTitan: the DCP step-N folder; nanoGPT: ckpt.pt or its out_dir)",
+    )
     p.add_argument("--output", required=True, help="output folder (written to a temporary folder, then renamed)")
     p.add_argument(
         "--model-args",
