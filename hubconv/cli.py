@@ -604,6 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; errors are one `hubconv: error:` line and exit 1 (SIGINT 130, SIGTERM 143).
     HUBCONV_DEBUG=1 adds the traceback."""
     args = build_parser().parse_args(argv)
+    from hubconv.memory import pin_mmap_threshold
+
+    pin_mmap_threshold()  # block buffers go back to the OS: flat memory however many tensors stream through
     debug = os.environ.get("HUBCONV_DEBUG", "") not in ("", "0")
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
