@@ -157,6 +157,12 @@ def _is_torch_zip(path: str, head: bytes) -> bool:
         return False
 
 
+def _is_tar(path: str, head: bytes) -> bool:
+    from hubconv.io.nemo_archive import is_tar
+
+    return is_tar(path, head)
+
+
 def _is_torch_pickle(path: str, head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
@@ -187,6 +193,13 @@ register_reader(
     _is_torch_zip,
     _lazy("hubconv.io.torch_file", "open_torch_zip"),
     description="torch.save zip (PK\\x03\\x04 with <name>/data.pkl)",
+)
+register_reader(
+    "nemo",
+    _is_tar,
+    _lazy("hubconv.io.nemo_archive", "open_nemo"),
+    suffixes=(".nemo",),
+    description="NeMo .nemo archive (uncompressed tar: 'ustar' at offset 257)",
 )
 register_reader(
     "torch-pickle",

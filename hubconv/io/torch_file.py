@@ -29,6 +29,7 @@ from hubconv.io import safe_pickle, torch_zip
 from hubconv.io.checkpoint import Checkpoint
 from hubconv.io.files import FilePool
 from hubconv.io.tensor import Segment, numel
+from hubconv.io.window import Window
 
 MAX_PICKLE = 256 * 1024 * 1024  # data.pkl of a large training checkpoint (optimizer ids, RNG states): tens of MiB
 MAX_DEPTH = 64
@@ -92,26 +93,36 @@ class ZipTensor:
             del span
 
 
-def _data_start(pool: FilePool, path: str, info: zipfile.ZipInfo) -> int:
-    """Absolute offset of a stored member's bytes (after its local file header)."""
-    local = pool.pread(path, info.header_offset, 30)
+def _data_start(pool: FilePool, path: str, base: int, info: zipfile.ZipInfo, what: str) -> int:
+    """Absolute offset in `path` of a stored member's bytes (after its local header); the zip starts at `base`."""
+    local = pool.pread(path, base + info.header_offset, 30)
     if local[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"{path}: member {info.filename!r}: corrupt local header")
+        raise CheckpointError(f"{what}: member {info.filename!r}: corrupt local header")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+    return base + info.header_offset + 30 + name_len + extra_len
 
 
 class _Walker:
     """Turns the unpickled object into named lazy tensors and inert values."""
 
-    def __init__(self, path: str, prefix: str, members: dict[str, zipfile.ZipInfo], pool: FilePool, size: int):
-        self.path, self.prefix, self.members, self.pool, self.size = path, prefix, members, pool, size
+    def __init__(
+        self,
+        path: str,
+        what: str,
+        base: int,
+        prefix: str,
+        members: dict[str, zipfile.ZipInfo],
+        pool: FilePool,
+        end: int,
+    ):
+        self.path, self.what, self.base, self.prefix, self.members = path, what, base, prefix, members
+        self.pool, self.end = pool, end  # end: absolute offset just past the archive's bytes
         self.tensors: dict[str, ZipTensor] = {}
         self.values: dict[str, Any] = {}
         self._starts: dict[str, int] = {}
 
     def tensor(self, name: str, t: safe_pickle.RebuiltTensor) -> ZipTensor:
-        where = f"{self.path}: tensor {name!r}"
+        where = f"{self.what}: tensor {name!r}"
         pid = t.storage
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise CheckpointError(f"{where}: unrecognised storage reference")
@@ -137,15 +148,15 @@ class _Walker:
         if offset + span > storage_numel:
             raise CheckpointError(f"{where}: elements {offset}..{offset + span} run past its storage ({storage_numel})")
         if key not in self._starts:
-            start = _data_start(self.pool, self.path, info)
-            if start + info.file_size > self.size:
+            start = _data_start(self.pool, self.path, self.base, info, self.what)
+            if start + info.file_size > self.end:
                 raise CheckpointError(f"{where}: storage {key!r} runs past the end of the file")
             self._starts[key] = start
         return ZipTensor(name, dtype, shape, stride, self.path, self._starts[key] + offset * dtype.itemsize, self.pool)
 
     def walk(self, obj: Any, name: str, depth: int = 0) -> None:
         if depth > MAX_DEPTH:
-            raise CheckpointError(f"{self.path}: {name!r} nests containers more than {MAX_DEPTH} deep")
+            raise CheckpointError(f"{self.what}: {name!r} nests containers more than {MAX_DEPTH} deep")
         if isinstance(obj, safe_pickle.RebuiltTensor):
             self.tensors[name] = self.tensor(name, obj)
         elif isinstance(obj, dict | list | tuple) and _holds_tensor(obj):
@@ -168,43 +179,54 @@ def _holds_tensor(obj: Any, depth: int = 0) -> bool:
     return False
 
 
-def open_torch_zip(path: str) -> Checkpoint:
-    """Index every tensor of a torch.save zip file; non-tensor subtrees become inert `values`."""
+def open_torch_zip(path: str, offset: int = 0, length: int | None = None, *, name: str | None = None) -> Checkpoint:
+    """Index every tensor of a torch.save zip file; non-tensor subtrees become inert `values`.
+
+    The archive may lie inside another file (a member of an uncompressed tar): `length` bytes at `offset`
+    of `path`. Tensors are then segments of the outer file at absolute offsets; `name` (default `path`)
+    names the archive in errors, e.g. `model.nemo: mp_rank_00/model_weights.ckpt`.
+    """
+    what = name or path
     pool = FilePool()
     try:
         size = os.path.getsize(path)
-        with zipfile.ZipFile(path) as zf:
-            infos = torch_zip.check_members(zf, path, max_members=torch_zip.MAX_FILE_MEMBERS)
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise CheckpointError(f"{what}: {length} bytes at offset {offset} run past the end of {path} ({size})")
+        source = Window(pool, path, offset, length) if (offset, length) != (0, size) else path
+        with zipfile.ZipFile(source) as zf:
+            infos = torch_zip.check_members(zf, what, max_members=torch_zip.MAX_FILE_MEMBERS)
             members = {i.filename: i for i in infos}
             pickles = [n for n in members if n.endswith("data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
-                raise CheckpointError(f"{path}: not a torch.save archive (expected one <name>/data.pkl)")
+                raise CheckpointError(f"{what}: not a torch.save archive (expected one <name>/data.pkl)")
             prefix = pickles[0][: -len("data.pkl")]
             order = members.get(f"{prefix}byteorder")
-            if order is not None and torch_zip.read_member(zf, order, 16, path).strip() != b"little":
-                raise CheckpointError(f"{path}: big-endian torch files are not supported")
-            raw = torch_zip.read_member(zf, members[pickles[0]], MAX_PICKLE, path)
+            if order is not None and torch_zip.read_member(zf, order, 16, what).strip() != b"little":
+                raise CheckpointError(f"{what}: big-endian torch files are not supported")
+            raw = torch_zip.read_member(zf, members[pickles[0]], MAX_PICKLE, what)
         try:
-            obj = safe_pickle.loads(raw, f"{path}: data.pkl", allow=safe_pickle.TORCH_FILE)
+            obj = safe_pickle.loads(raw, f"{what}: data.pkl", allow=safe_pickle.TORCH_FILE)
         except HubconvError:
             raise
         except pickle.UnpicklingError as e:
             message = str(e)
-            if message.startswith(f"{path}: data.pkl: refusing"):  # a global outside the allow-list
+            if message.startswith(f"{what}: data.pkl: refusing"):  # a global outside the allow-list
                 raise CheckpointError(message) from None
-            raise CheckpointError(f"{path}: cannot read data.pkl ({message})") from None
+            raise CheckpointError(f"{what}: cannot read data.pkl ({message})") from None
         except RecursionError:
-            raise CheckpointError(f"{path}: data.pkl nests too deeply") from None
+            raise CheckpointError(f"{what}: data.pkl nests too deeply") from None
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot read data.pkl ({type(e).__name__}: {e})") from None
-        walker = _Walker(path, prefix, members, pool, size)
+            raise CheckpointError(f"{what}: cannot read data.pkl ({type(e).__name__}: {e})") from None
+        walker = _Walker(path, what, offset, prefix, members, pool, offset + length)
         walker.walk(obj, "")
     except HubconvError:
         pool.close()
         raise
     except torch_zip.ZIP_ERRORS as e:
         pool.close()
-        raise CheckpointError(f"{path}: corrupt torch file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{what}: corrupt torch file ({type(e).__name__}: {e})") from None
     return Checkpoint(
         path=path,
         format="torch",

@@ -1,0 +1,180 @@
+"""Readers for Megatron / NeMo checkpoint containers: torch zips inside byte windows, `.nemo` tar archives read in
+place, and their corrupt forms refused with one-line errors naming the file and member."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from hubconv.errors import CheckpointError
+from hubconv.io.checkpoint import open_checkpoint
+from hubconv.io.tensor import read_all
+from hubconv.io.torch_file import open_torch_zip
+
+
+def _saved(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _segment_bytes(t) -> bytes:
+    (seg,) = t.segments()
+    with open(seg.path, "rb") as f:
+        f.seek(seg.offset)
+        return f.read(seg.nbytes)
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+# --- torch zip inside a byte window -------------------------------------------------------------------------------
+
+
+def test_torch_zip_in_window_gives_outer_file_segments(tmp_path) -> None:
+    state = {"w": torch.randn(4, 6), "b": torch.arange(5, dtype=torch.int64), "t": torch.randn(3, 4).t()}
+    blob = _saved({"model": state, "step": 7})
+    head, tail = b"\xaa" * 1000, b"\xbb" * 333
+    outer = tmp_path / "outer.bin"
+    outer.write_bytes(head + blob + tail)
+    with open_torch_zip(str(outer), len(head), len(blob), name="outer.bin: inner") as ckpt:
+        assert ckpt.values["step"] == 7
+        for name in ("w", "b", "t"):
+            got = read_all(ckpt.tensors[f"model.{name}"])
+            np.testing.assert_array_equal(got, state[name].numpy())
+        seg = ckpt.tensors["model.w"].segments()[0]
+        assert seg.path == str(outer) and len(head) <= seg.offset < len(head) + len(blob)
+        assert _segment_bytes(ckpt.tensors["model.w"]) == state["w"].numpy().tobytes()
+        assert ckpt.tensors["model.t"].segments() is None  # a saved transpose is read strided
+
+
+def test_torch_zip_window_negative_controls(tmp_path) -> None:
+    blob = _saved({"w": torch.randn(64, 64)})
+    outer = tmp_path / "outer.bin"
+    outer.write_bytes(b"\0" * 512 + blob)
+    with pytest.raises(CheckpointError) as e:  # the window misses the archive's start: not a zip at all
+        open_torch_zip(str(outer), 0, 512, name="outer.bin: m")
+    assert _one_line(e).startswith("outer.bin: m: ")
+    with pytest.raises(CheckpointError, match="run past the end"):
+        open_torch_zip(str(outer), 512, len(blob) + 1)
+    # a window cut short keeps the central directory out of reach: refused, never read beyond the window
+    with pytest.raises(CheckpointError) as e:
+        open_torch_zip(str(outer), 512, len(blob) - 100, name="outer.bin: m")
+    assert "outer.bin: m" in _one_line(e)
+
+
+# --- .nemo archives -------------------------------------------------------------------------------------------------
+
+CONFIG = (
+    b"precision: 16\ntensor_model_parallel_size: 2\nencoder_seq_length: 128\ntokenizer:\n  library: sentencepiece\n"
+)
+
+
+def _nemo(path, members: dict[str, bytes], *, mode: str = "w", dot: bool = False, extra=()) -> str:
+    with tarfile.open(path, mode) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(("./" if dot else "") + name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for info in extra:
+            tf.addfile(info)
+    return str(path)
+
+
+def _rank_states(tp: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        {
+            "model.embedding.word_embeddings.weight": torch.randn(8, 4, generator=g),
+            "model.decoder.final_layernorm.weight": torch.ones(4),
+            "model.decoder.layers.0.self_attention.linear_qkv._extra_state": None,
+        }
+        for _ in range(tp)
+    ]
+
+
+@pytest.mark.parametrize("dot", [False, True])
+def test_nemo_single_rank(tmp_path, dot: bool) -> None:
+    (state,) = _rank_states(1)
+    path = _nemo(
+        tmp_path / "m.nemo",
+        {"model_config.yaml": CONFIG, "model_weights.ckpt": _saved(state), "tok.model": b"sp"},
+        dot=dot,
+    )
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.format == "nemo"
+        assert ckpt.values["model_config"]["tokenizer"] == {"library": "sentencepiece"}
+        assert ckpt.values["members"] == ["tok.model"]
+        assert ckpt.values["ranks"] == [{"prefix": "", "tp": 0, "pp": 0}]
+        assert (ckpt.values["tensor_parallel"], ckpt.values["pipeline_parallel"]) == (1, 1)
+        w = ckpt.tensors["model.embedding.word_embeddings.weight"]
+        np.testing.assert_array_equal(read_all(w), state["model.embedding.word_embeddings.weight"].numpy())
+        assert w.segments()[0].path == path  # read in place, from the .nemo file itself
+        assert "model.decoder.layers.0.self_attention.linear_qkv._extra_state" in ckpt.entries
+
+
+@pytest.mark.parametrize("layout", ["mp_rank_{tp:02d}", "tp_rank_{tp:02d}_pp_rank_{pp:03d}"])
+def test_nemo_per_rank_weights(tmp_path, layout: str) -> None:
+    pp_size = 2 if "pp" in layout else 1
+    states = {(tp, pp): s for pp in range(pp_size) for tp, s in enumerate(_rank_states(2))}
+    members = {"model_config.yaml": CONFIG}
+    for (tp, pp), s in reversed(states.items()):  # archive order must not matter
+        members[f"{layout.format(tp=tp, pp=pp)}/model_weights.ckpt"] = _saved(s)
+    path = _nemo(tmp_path / "m.nemo", members)
+    with open_checkpoint(path) as ckpt:
+        assert (ckpt.values["tensor_parallel"], ckpt.values["pipeline_parallel"]) == (2, pp_size)
+        assert [(r["tp"], r["pp"]) for r in ckpt.values["ranks"]] == [
+            (tp, pp) for pp in range(pp_size) for tp in (0, 1)
+        ]
+        for r in ckpt.values["ranks"]:
+            want = states[(r["tp"], r["pp"])]["model.embedding.word_embeddings.weight"].numpy()
+            got = read_all(ckpt.tensors[r["prefix"] + "model.embedding.word_embeddings.weight"])
+            np.testing.assert_array_equal(got, want)
+            assert r["prefix"] == layout.format(tp=r["tp"], pp=r["pp"]) + "/"
+
+
+def test_nemo_corrupt_inputs(tmp_path) -> None:
+    s0, s1 = (_saved(s) for s in _rank_states(2))
+    cases = {
+        "no_config": ({"model_weights.ckpt": s0}, "has no model_config.yaml member"),
+        "no_weights": ({"model_config.yaml": CONFIG}, "has no model_weights.ckpt member"),
+        "missing_rank": (
+            {"model_config.yaml": CONFIG, "mp_rank_00/model_weights.ckpt": s0, "mp_rank_02/model_weights.ckpt": s1},
+            "rank mp_rank_01/model_weights.ckpt is missing",
+        ),
+        "escape": ({"model_config.yaml": CONFIG, "../model_weights.ckpt": s0}, "leaves the archive"),
+        "bad_yaml": ({"model_config.yaml": b"a: [1\n", "model_weights.ckpt": s0}, "model_config.yaml"),
+        "not_torch": ({"model_config.yaml": CONFIG, "model_weights.ckpt": b"PK\x03\x04junk"}, "model_weights.ckpt"),
+    }
+    for name, (members, needle) in cases.items():
+        path = _nemo(tmp_path / f"{name}.nemo", members)
+        with pytest.raises(CheckpointError) as e:
+            open_checkpoint(path)
+        assert needle in _one_line(e) and path in str(e.value), name
+
+
+def test_nemo_links_compression_and_truncation_refused(tmp_path) -> None:
+    s0 = _saved(_rank_states(1)[0])
+    link = tarfile.TarInfo("model_weights.ckpt")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    path = _nemo(tmp_path / "link.nemo", {"model_config.yaml": CONFIG}, extra=[link])
+    with pytest.raises(CheckpointError, match="is a link"):
+        open_checkpoint(path)
+    path = _nemo(tmp_path / "gz.nemo", {"model_config.yaml": CONFIG, "model_weights.ckpt": s0}, mode="w:gz")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path)
+    assert "gzip-compressed tar; decompress it first" in _one_line(e)
+    good = _nemo(tmp_path / "good.nemo", {"model_config.yaml": CONFIG, "model_weights.ckpt": s0})
+    data = open(good, "rb").read()
+    cut = tmp_path / "cut.nemo"
+    cut.write_bytes(data[: 1024 + len(s0) // 2])  # the weights member's data ends past the file
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(str(cut))
+    assert "model_weights.ckpt" in _one_line(e) and "cut.nemo" in str(e.value)
