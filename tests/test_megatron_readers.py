@@ -4,6 +4,8 @@ place, and their corrupt forms refused with one-line errors naming the file and 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -14,6 +16,7 @@ from hubconv.errors import CheckpointError
 from hubconv.io.checkpoint import open_checkpoint
 from hubconv.io.tensor import read_all
 from hubconv.io.torch_file import open_torch_zip
+from tests.helpers import ROOT
 
 
 def _saved(obj: object) -> bytes:
@@ -178,3 +181,95 @@ def test_nemo_links_compression_and_truncation_refused(tmp_path) -> None:
     with pytest.raises(CheckpointError) as e:
         open_checkpoint(str(cut))
     assert "model_weights.ckpt" in _one_line(e) and "cut.nemo" in str(e.value)
+
+
+# --- NeMo Lightning .ckpt: hyper_parameters.cfg is a pickled OmegaConf DictConfig ------------------------------------
+
+NEMO_CFG = {
+    "precision": "bf16",
+    "encoder_seq_length": 128,
+    "max_position_embeddings": "${.encoder_seq_length}",
+    "num_layers": 2,
+    "hidden_dropout": 0.0,
+    "bias": True,
+    "kv_channels": None,
+    "optim": {"name": "fused_adam", "lr": 2e-4, "betas": [0.9, 0.95], "sched": {"name": "CosineAnnealing"}},
+    "tokenizer": {"library": "sentencepiece", "model": "nemo:abc_tokenizer.model", "vocab_file": None},
+    "data": {"data_prefix": [0.5, "/data/a", 0.5, "/data/b"], "splits_string": "98,1,1"},
+}
+
+
+def _lightning_ckpt(cfg: object) -> dict:
+    """What PL 2.x `Trainer.save_checkpoint` writes for a NeMo model (hparams are a DictConfig holding `cfg`)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    hparams = OmegaConf.create({"cfg": cfg})
+    OmegaConf.set_struct(hparams, True)  # flags travel in the pickle's metadata
+    w = torch.randn(8, 4)
+    return {
+        "epoch": 3,
+        "global_step": 1200,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": {
+            "model.embedding.word_embeddings.weight": w,
+            "model.decoder.final_layernorm.bias": torch.zeros(4),
+        },
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 4, "completed": 3}}}},
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
+                "best_model_score": torch.tensor(1.25),
+                "best_k_models": {"/ckpts/a.ckpt": torch.tensor(1.25)},
+                "dirpath": "/ckpts",
+            }
+        },
+        "optimizer_states": [
+            {"state": {0: {"exp_avg": torch.zeros(8, 4)}}, "param_groups": [{"lr": 2e-4, "params": [0]}]}
+        ],
+        "lr_schedulers": [{"last_epoch": 1200, "_last_lr": [2e-4]}],
+        "hparams_name": "kwargs",
+        "hyper_parameters": hparams,
+        "hparams_type": DictConfig,
+    }
+
+
+def test_nemo_lightning_ckpt_dictconfig_read_as_plain_data(tmp_path) -> None:
+    pytest.importorskip("omegaconf")
+    obj = _lightning_ckpt(NEMO_CFG)
+    path = str(tmp_path / "megatron_gpt--step=1200.ckpt")
+    torch.save(obj, path)
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.values["hyper_parameters"] == {"cfg": NEMO_CFG}  # interpolations stay unresolved strings
+        assert ckpt.values["hparams_type"] == "omegaconf.DictConfig"
+        assert (ckpt.values["epoch"], ckpt.values["global_step"]) == (3, 1200)
+        assert ckpt.values["lr_schedulers"] == [{"last_epoch": 1200, "_last_lr": [2e-4]}]
+        w = ckpt.tensors["state_dict.model.embedding.word_embeddings.weight"]
+        np.testing.assert_array_equal(read_all(w), obj["state_dict"]["model.embedding.word_embeddings.weight"].numpy())
+        assert "optimizer_states.0.state.0.exp_avg" in ckpt.tensors
+        assert "callbacks.ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}.best_model_score" in ckpt.tensors
+    probe = (  # stand-ins only: reading the config never imports omegaconf
+        "import sys; from hubconv.io.checkpoint import open_checkpoint; "
+        f"c = open_checkpoint({path!r}); assert c.values['hyper_parameters']['cfg']['num_layers'] == 2; "
+        "assert 'omegaconf' not in sys.modules, 'omegaconf imported'"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=ROOT)
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_nemo_lightning_ckpt_with_foreign_global_refused(tmp_path) -> None:
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"hidden_size": 4, "hook": _Evil()}, flags={"allow_objects": True})
+    path = str(tmp_path / "evil.ckpt")
+    torch.save(_lightning_ckpt(cfg), path)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path)
+    assert _one_line(e) == f"{path}: data.pkl: refusing to load posix.system"
+    # negative control: the same checkpoint without the hook opens
+    torch.save(_lightning_ckpt({"hidden_size": 4}), path)
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.values["hyper_parameters"] == {"cfg": {"hidden_size": 4}}

@@ -184,6 +184,58 @@ def _device(*args: Any) -> str:
     return ":".join(str(a) for a in args)
 
 
+class TypeName(str):
+    """A class referenced as a value (OmegaConf's `ref_type`/`object_type`, Lightning's `hparams_type`): its name."""
+
+
+class OmegaNode(_Record):
+    """An OmegaConf container or value node (DictConfig, ListConfig, AnyNode, StringNode, ...): `plain` gives its
+    content (`_content` of containers, `_val` of value nodes); metadata and `_parent` links are dropped.
+    Interpolations such as `${model.hidden_size}` stay unresolved strings."""
+
+
+class OmegaMetadata(_Record):
+    """OmegaConf's per-node `Metadata` / `ContainerMetadata` (types, flags): never needed, dropped by `plain`."""
+
+
+def _type_name(module: str, name: str) -> TypeName:
+    return TypeName(f"{module}.{name}")
+
+
+def _defaultdict(*args: Any) -> dict[Any, Any]:
+    """`collections.defaultdict(factory)`: a plain dict (the factory, a TypeName stand-in, is never called)."""
+    return {}
+
+
+# OmegaConf configs as pickled by NeMo / Lightning `hyper_parameters` (protocol 2 spells builtins `__builtin__`).
+OMEGACONF: dict[tuple[str, str], Any] = {
+    ("omegaconf.dictconfig", "DictConfig"): type("DictConfig", (OmegaNode,), {"source": "omegaconf.DictConfig"}),
+    ("omegaconf.listconfig", "ListConfig"): type("ListConfig", (OmegaNode,), {"source": "omegaconf.ListConfig"}),
+    ("omegaconf.base", "ContainerMetadata"): OmegaMetadata,
+    ("omegaconf.base", "Metadata"): OmegaMetadata,
+    ("collections", "defaultdict"): _defaultdict,
+    ("typing", "Any"): _type_name("typing", "Any"),
+    **{
+        ("omegaconf.nodes", node): type(node, (OmegaNode,), {"source": f"omegaconf.nodes.{node}"})
+        for node in (
+            "AnyNode",
+            "StringNode",
+            "IntegerNode",
+            "FloatNode",
+            "BooleanNode",
+            "BytesNode",
+            "PathNode",
+            "ValueNode",
+            "InterpolationResultNode",
+        )
+    },
+    **{
+        (module, name): _type_name("builtins", name)
+        for module in ("builtins", "__builtin__")
+        for name in ("dict", "list", "int", "long", "float", "str", "unicode", "bool", "bytes", "object", "tuple")
+    },
+}
+
 # torch.save files (`.pt`, nanoGPT `ckpt.pt`, Megatron `model_optim_rng.pt`, Lightning `.ckpt`): tensors, plain
 # containers, argparse namespaces, and numpy RNG state (kept opaque).
 TORCH_FILE: dict[tuple[str, str], Any] = {
@@ -201,6 +253,7 @@ TORCH_FILE: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "scalar"): Opaque,
     ("numpy", "ndarray"): Opaque,
     ("numpy", "dtype"): Opaque,
+    **OMEGACONF,
 }
 
 
@@ -237,8 +290,15 @@ def plain(obj: Any, depth: int = 0) -> Any:
         return repr(obj)
     if isinstance(obj, RebuiltTensor):
         return f"<tensor {list(obj.size)}>"
-    if isinstance(obj, TorchDtype | StorageType):
+    if isinstance(obj, TorchDtype | StorageType | TypeName):
         return str(obj)
+    if isinstance(obj, OmegaMetadata):
+        return None
+    if isinstance(obj, type):  # a stand-in class referenced as a value (Lightning's `hparams_type`)
+        return TypeName(getattr(obj, "source", obj.__name__))
+    if isinstance(obj, OmegaNode):
+        state = vars(obj)
+        return plain(state["_content"] if "_content" in state else state.get("_val"), depth + 1)
     if isinstance(obj, _Record):
         state = {k: v for k, v in vars(obj).items() if not (k == "args" and not v)}
         return {k: plain(v, depth + 1) for k, v in state.items()}
