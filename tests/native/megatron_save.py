@@ -1,0 +1,318 @@
+"""Megatron-LM's legacy torch checkpoint layout, written from a `MegatronGPT` for tests (after
+NVIDIA/Megatron-LM `megatron/training/checkpointing.py` `save_checkpoint`/`get_checkpoint_name`,
+`megatron/core/tensor_parallel/layers.py`, `megatron/legacy/model/{transformer,language_model,gpt_model}.py`;
+nothing copied).
+
+`save_legacy(model, cfg, folder, tp, pp)` writes::
+
+    folder/latest_checkpointed_iteration.txt              "100"
+    folder/iter_0000100/mp_rank_TT/model_optim_rng.pt       (pp == 1)
+    folder/iter_0000100/mp_rank_TT_PPP/model_optim_rng.pt   (pp > 1)
+
+each holding `{args, checkpoint_version, iteration, model, optimizer, opt_param_scheduler, rng_state,
+num_floating_point_operations_so_far}`.
+
+Sharding (`shard_core`): column-parallel weights (`linear_qkv`, `linear_fc1`) split on dim 0 — QKV by
+whole query groups, SwiGLU `linear_fc1` per rank as `[gate_r; up_r]` —, row-parallel weights
+(`linear_proj`, `linear_fc2`) on dim 1 with their biases replicated, vocab-parallel word embeddings and
+output layer on dim 0, norms and position embeddings replicated. Pipeline stages hold `num_layers / pp`
+layers numbered from 0, the embeddings on the first stage, the final norm and output layer on the last;
+a tied output layer with pp > 1 is also saved on the last stage (`output_layer.weight`, legacy
+`word_embeddings_for_head.weight`).
+
+`naming="core"` keeps megatron-core keys in a flat `model` dict (`spec="te"`: fused norms plus empty
+`_extra_state` tensors for each TE module, `spec="local"`: `input_layernorm`/`pre_mlp_layernorm`).
+`naming="legacy"` writes the nested `language_model` dict (`embedding`, `encoder`, `output_layer`) with
+legacy layer names; `checkpoint_version` then sets the per-rank fused-QKV order: 0 → `[3, np, hn]`,
+1.0 → `[np, hn, 3]`, ≥ 2.0 → `[np, 3, hn]` (per group `[q × np/ng, k, v]` with GQA, which needs ≥ 2.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.native.megatron_gpt import MegatronGPT, MegatronGPTConfig
+
+ITERATION = 100
+
+LEGACY_LAYER_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "self_attention.linear_qkv.weight": "self_attention.query_key_value.weight",
+    "self_attention.linear_qkv.bias": "self_attention.query_key_value.bias",
+    "self_attention.linear_proj.weight": "self_attention.dense.weight",
+    "self_attention.linear_proj.bias": "self_attention.dense.bias",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "post_attention_layernorm.bias",
+    "mlp.linear_fc1.weight": "mlp.dense_h_to_4h.weight",
+    "mlp.linear_fc1.bias": "mlp.dense_h_to_4h.bias",
+    "mlp.linear_fc2.weight": "mlp.dense_4h_to_h.weight",
+    "mlp.linear_fc2.bias": "mlp.dense_4h_to_h.bias",
+}
+LOCAL_LAYER_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+TE_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.core_attention",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
+LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+DROP = object()  # pass as an args override to leave a field out
+
+
+def rank_folder(tp_rank: int, pp_rank: int, pp: int) -> str:
+    """Megatron's `mp_rank_TT` (pp == 1) or `mp_rank_TT_PPP` folder name."""
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def split_for_tp(name: str, t: torch.Tensor, cfg: MegatronGPTConfig, tp: int) -> list[torch.Tensor]:
+    """One global megatron-core tensor -> its `tp` rank-local pieces (clones, so each saves its own storage)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return [p.clone() for p in t.chunk(tp, dim=0)]
+    if "linear_qkv" in name and leaf in ("weight", "bias"):
+        return [p.clone() for p in t.chunk(tp, dim=0)]  # rows are whole groups, groups contiguous
+    if "linear_fc1" in name and leaf in ("weight", "bias"):
+        if cfg.activation == "swiglu":
+            gate, up = t.chunk(2, dim=0)
+            return [torch.cat([g, u]) for g, u in zip(gate.chunk(tp, dim=0), up.chunk(tp, dim=0), strict=True)]
+        return [p.clone() for p in t.chunk(tp, dim=0)]
+    if ("linear_proj" in name or "linear_fc2" in name) and leaf == "weight":
+        return [p.clone() for p in t.chunk(tp, dim=1)]
+    return [t.clone() for _ in range(tp)]  # norms, position embeddings, row-parallel biases
+
+
+def qkv_to_version(t: torch.Tensor, cfg: MegatronGPTConfig, version: float) -> torch.Tensor:
+    """Rank-local `[np, 3, hn]` QKV rows (weight or bias) into the order of `checkpoint_version`."""
+    if version >= 2.0:
+        return t
+    hn = cfg.head_dim
+    rest = t.shape[1:]
+    heads = t.shape[0] // (3 * hn)
+    per_head = t.reshape(heads, 3, hn, *rest)
+    if version == 0:
+        out = per_head.transpose(0, 1)  # [3, np, hn]
+    elif version == 1.0:
+        out = per_head.transpose(1, 2)  # [np, hn, 3]
+    else:
+        raise ValueError(f"no QKV order for checkpoint_version {version}")
+    return out.reshape(t.shape).contiguous()
+
+
+def shard_core(model: MegatronGPT, tp: int, pp: int) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """Global state dict -> {(tp_rank, pp_rank): stage-local megatron-core state dict}."""
+    cfg = model.cfg
+    if cfg.num_layers % pp or cfg.groups % tp or cfg.ffn % tp or model.padded_vocab % tp:
+        raise ValueError(f"layers/groups/ffn/vocab not divisible by tp={tp} pp={pp}")
+    per_stage = cfg.num_layers // pp
+    shards: dict[tuple[int, int], dict[str, torch.Tensor]] = {(r, s): {} for r in range(tp) for s in range(pp)}
+    state = model.state_dict()
+    if not cfg.untie_embeddings_and_output_weights and pp > 1:
+        state["output_layer.weight"] = state["embedding.word_embeddings.weight"]
+    for name, t in state.items():
+        m = LAYER.fullmatch(name)
+        if m:
+            layer = int(m.group(1))
+            stage, local = divmod(layer, per_stage)
+            key = f"decoder.layers.{local}.{m.group(2)}"
+        elif name.startswith("embedding."):
+            stage, key = 0, name
+        else:  # final norm, output layer
+            stage, key = pp - 1, name
+        for rank, piece in enumerate(split_for_tp(name, t, cfg, tp)):
+            shards[(rank, stage)][key] = piece
+    return shards
+
+
+def to_core_spec(shard: dict[str, torch.Tensor], spec: str) -> dict[str, object]:
+    """Rename for the local spec, or add TE's `_extra_state` entries (empty uint8 tensors without FP8)."""
+    out: dict[str, object] = {}
+    layers = sorted({int(m.group(1)) for k in shard if (m := LAYER.fullmatch(k))})
+    for key, t in shard.items():
+        m = LAYER.fullmatch(key)
+        if spec == "local" and m and m.group(2) in LOCAL_LAYER_NAMES:
+            key = f"decoder.layers.{m.group(1)}.{LOCAL_LAYER_NAMES[m.group(2)]}"
+        out[key] = t
+    if spec == "te":
+        for i in layers:
+            for module in TE_MODULES:
+                out[f"decoder.layers.{i}.{module}._extra_state"] = torch.empty(0, dtype=torch.uint8)
+    return out
+
+
+def to_legacy(shard: dict[str, torch.Tensor], cfg: MegatronGPTConfig, version: float) -> dict[str, object]:
+    """A stage-local core shard -> legacy `{language_model: {embedding, encoder, output_layer}, ...}`."""
+    lm: dict[str, dict] = {}
+    model: dict[str, object] = {"language_model": lm}
+    for key, t in shard.items():
+        m = LAYER.fullmatch(key)
+        if m:
+            if m.group(2) in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+                t = qkv_to_version(t, cfg, version)
+            lm.setdefault("encoder", {})[f"layers.{m.group(1)}.{LEGACY_LAYER_NAMES[m.group(2)]}"] = t
+        elif key == "embedding.word_embeddings.weight":
+            lm.setdefault("embedding", {})["word_embeddings"] = {"weight": t}
+        elif key == "embedding.position_embeddings.weight":
+            lm.setdefault("embedding", {})["position_embeddings"] = {"weight": t}
+        elif key.startswith("decoder.final_layernorm."):
+            lm.setdefault("encoder", {})[key.replace("decoder.", "", 1)] = t
+        elif key == "output_layer.weight":
+            if cfg.untie_embeddings_and_output_weights:
+                lm["output_layer"] = {"weight": t}
+            else:
+                model["word_embeddings_for_head"] = {"weight": t}
+        else:
+            raise KeyError(key)
+    return model
+
+
+def megatron_args(cfg: MegatronGPTConfig, tp: int, pp: int, **overrides: object) -> argparse.Namespace:
+    """The saved `args` Namespace: the fields a converter needs plus typical training ones."""
+    swiglu = cfg.activation == "swiglu"
+    fields: dict[str, object] = {
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "ffn_hidden_size": cfg.ffn,
+        "num_attention_heads": cfg.num_attention_heads,
+        "group_query_attention": cfg.num_query_groups is not None,
+        "num_query_groups": cfg.num_query_groups or 1,
+        "kv_channels": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "seq_length": cfg.max_position_embeddings,
+        "padded_vocab_size": cfg.padded_vocab_size(tp),
+        "vocab_size": None,
+        "make_vocab_size_divisible_by": cfg.make_vocab_size_divisible_by,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "virtual_pipeline_model_parallel_size": None,
+        "world_size": tp * pp,
+        "data_parallel_size": 1,
+        "position_embedding_type": "rope" if cfg.position_embedding_type == "rope" else "learned_absolute",
+        "use_rotary_position_embeddings": cfg.position_embedding_type == "rope",
+        "rotary_base": cfg.rotary_base,
+        "rotary_percent": cfg.rotary_percent,
+        "rotary_interleaved": False,
+        "rotary_seq_len_interpolation_factor": None,
+        "normalization": cfg.normalization,
+        "norm_epsilon": cfg.layernorm_epsilon,
+        "layernorm_epsilon": cfg.layernorm_epsilon,
+        "apply_layernorm_1p": False,
+        "swiglu": swiglu,
+        "squared_relu": False,
+        "openai_gelu": False,
+        "bias_gelu_fusion": cfg.activation == "gelu_tanh",
+        "bias_swiglu_fusion": swiglu,
+        "add_bias_linear": cfg.add_bias_linear,
+        "add_qkv_bias": cfg.qkv_bias,
+        "untie_embeddings_and_output_weights": cfg.untie_embeddings_and_output_weights,
+        "apply_query_key_layer_scaling": False,
+        "attention_softmax_in_fp32": True,
+        "apply_residual_connection_post_layernorm": False,
+        "hidden_dropout": 0.1,
+        "attention_dropout": 0.1,
+        "init_method_std": 0.02,
+        "params_dtype": torch.float32,
+        "fp16": False,
+        "bf16": False,
+        "tokenizer_type": "GPT2BPETokenizer",
+        "vocab_file": "gpt2-vocab.json",
+        "merge_file": "gpt2-merges.txt",
+        "tokenizer_model": None,
+        "transformer_impl": "transformer_engine",
+        "use_mcore_models": True,
+        "ckpt_format": "torch",
+        "seed": 1234,
+        "iteration": ITERATION,
+        "consumed_train_samples": 800,
+        "micro_batch_size": 4,
+        "global_batch_size": 8,
+        "lr": 3e-4,
+        "train_iters": 1000,
+        "save": "/checkpoints/gpt",
+    }
+    fields.update(overrides)
+    return argparse.Namespace(**{k: v for k, v in fields.items() if v is not DROP})
+
+
+def optimizer_state(model_state: dict[str, object]) -> dict[str, object]:
+    """Megatron's FP16/float optimizer state: Adam moments per parameter index plus fp32 master copies."""
+    tensors = [t for t in model_state.values() if isinstance(t, torch.Tensor) and t.numel() and t.is_floating_point()]
+    state = {i: {"step": torch.tensor(100.0), "exp_avg": t * 0.01, "exp_avg_sq": t * t} for i, t in enumerate(tensors)}
+    group = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "params": list(range(len(tensors)))}
+    return {
+        "optimizer": {"state": state, "param_groups": [group]},
+        "fp32_from_fp16_params": [[t.clone() for t in tensors]],
+        "grad_scaler": None,
+    }
+
+
+def rng_state(seed: int) -> list[dict[str, object]]:
+    """`get_rng_state()`: Python, NumPy (an ndarray inside), torch CPU/CUDA and tracker states."""
+    random.seed(seed)
+    np.random.seed(seed)
+    return [
+        {
+            "random_rng_state": random.getstate(),
+            "np_rng_state": np.random.get_state(),
+            "torch_rng_state": torch.get_rng_state(),
+            "cuda_rng_state": torch.zeros(16, dtype=torch.uint8),  # no GPU here: same type and role
+            "rng_tracker_states": {"model-parallel-rng": torch.zeros(16, dtype=torch.uint8)},
+        }
+    ]
+
+
+def save_legacy(
+    model: MegatronGPT,
+    cfg: MegatronGPTConfig,
+    folder: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    checkpoint_version: float = 3.0,
+    naming: str = "core",
+    spec: str = "te",
+    args_overrides: dict[str, object] | None = None,
+    with_optimizer: bool = True,
+) -> dict[tuple[int, int], Path]:
+    """Save `model` as Megatron-LM's legacy torch checkpoint; returns {(tp_rank, pp_rank): file}."""
+    if model.padded_vocab != cfg.padded_vocab_size(tp):
+        raise ValueError(f"model padded for TP={model.tp}, saving with TP={tp}: build MegatronGPT(cfg, tp={tp})")
+    if checkpoint_version < 2.0 and (naming != "legacy" or cfg.num_query_groups is not None):
+        raise ValueError("checkpoint_version < 2.0 exists only for legacy naming without GQA")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
+    args = megatron_args(cfg, tp, pp, **(args_overrides or {}))
+    if naming == "legacy":
+        args.use_mcore_models, args.transformer_impl = False, "local"
+    files = {}
+    for (rank, stage), shard in sorted(shard_core(model, tp, pp).items()):
+        state = to_legacy(shard, cfg, checkpoint_version) if naming == "legacy" else to_core_spec(shard, spec)
+        path = folder / f"iter_{ITERATION:07d}" / rank_folder(rank, stage, pp) / "model_optim_rng.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ckpt: dict[str, object] = {
+            "args": args,
+            "checkpoint_version": checkpoint_version,
+            "iteration": ITERATION,
+            "model": state,
+            "rng_state": rng_state(1234 + rank),
+            "num_floating_point_operations_so_far": 1.0e12,
+        }
+        if with_optimizer:
+            flat = shard if naming == "legacy" else state
+            ckpt["optimizer"] = optimizer_state(flat)
+            ckpt["opt_param_scheduler"] = {"max_lr": 3e-4, "min_lr": 3e-5, "num_steps": 800, "warmup_steps": 10}
+        torch.save(ckpt, path)
+        files[(rank, stage)] = path
+    return files
