@@ -436,3 +436,28 @@ def test_extra_state_is_dropped_and_stage_duplicates_are_checked() -> None:
     other = dict(stage) | {"decoder.final_layernorm.weight": a[1]}
     with pytest.raises(MappingError, match=r"final_layernorm\.weight.*pipeline stage 0 and pipeline stage 1"):
         M.merge_model(_mem({(0, 0): dict(stage), (0, 1): other}), lay, 1, 2)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_plain_tensor_parallel_round_trips(tp) -> None:
+    rng = np.random.default_rng(13)
+    w, b = rng.standard_normal((8, 12)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    cases = [
+        (M.Kind.COLUMN, w, np.split(w, tp)),
+        (M.Kind.VOCAB, w, np.split(w, tp)),
+        (M.Kind.COLUMN, b, np.split(b, tp)),
+        (M.Kind.ROW, w, np.split(w, tp, axis=1)),
+        (M.Kind.ROW, b, [b] * tp),  # row-parallel biases are whole on every rank
+        (M.Kind.REPLICATED, b, [b] * tp),
+    ]
+    for kind, whole, parts in cases:
+        ranks = [ArrayTensor(f"t{r}", F32, a) for r, a in enumerate(parts)]
+        merged = M.merge_tp(ranks, kind, "t")
+        assert np.array_equal(V.materialize(merged), whole), kind
+        back = M.shard_tp(ArrayTensor("t", F32, whole), kind, tp)
+        assert all(np.array_equal(V.materialize(x), a) for x, a in zip(back, parts, strict=True)), kind
+        if tp > 1 and kind is not M.Kind.REPLICATED and not (kind is M.Kind.ROW and whole.ndim == 1):
+            wrong = M.merge_tp(ranks[::-1], kind, "t")  # negative control: ranks in the wrong order
+            assert not np.array_equal(V.materialize(wrong), whole), kind
+    with pytest.raises(MappingError, match="cannot be split over 5 ranks"):
+        M.shard_tp(ArrayTensor("t", F32, w), M.Kind.ROW, 5)

@@ -85,6 +85,21 @@ def merge_tp(shards: Sequence[LazyTensor], kind: Kind, name: str) -> LazyTensor:
     raise MappingError(f"{name}: layout {kind.value!r} is not a plain tensor-parallel merge")
 
 
+def shard_tp(t: LazyTensor, kind: Kind, tp: int) -> list[LazyTensor]:
+    """Inverse of `merge_tp`: the shard of each of `tp` ranks (replicated tensors repeated)."""
+    names = [f"{t.name}[tp{r}]" for r in range(tp)]
+    split_cols = kind is Kind.ROW and len(t.shape) >= 2
+    if kind is Kind.REPLICATED or (kind is Kind.ROW and not split_cols):
+        return [V.rename(t, n) for n in names]
+    if kind not in (Kind.COLUMN, Kind.VOCAB, Kind.ROW):
+        raise MappingError(f"{t.name}: layout {kind.value!r} is not a plain tensor-parallel split")
+    dim = 1 if split_cols else 0
+    if not t.shape or t.shape[dim] % tp:
+        raise MappingError(f"{t.name}: {list(t.shape)} cannot be split over {tp} ranks on dim {dim}")
+    sizes = [t.shape[dim] // tp] * tp
+    return list(V.split_columns(t, sizes, names) if split_cols else V.split_rows(t, sizes, names))
+
+
 # ---------------------------------------------------------------------------------- fused QKV
 
 
