@@ -461,3 +461,38 @@ def test_plain_tensor_parallel_round_trips(tp) -> None:
             assert not np.array_equal(V.materialize(wrong), whole), kind
     with pytest.raises(MappingError, match="cannot be split over 5 ranks"):
         M.shard_tp(ArrayTensor("t", F32, w), M.Kind.ROW, 5)
+
+
+def test_virtual_pipeline_chunks_follow_megatron_offsets() -> None:
+    tp, pp, vp = 2, 2, 2
+    g = make_global(8, 2, True, np.random.default_rng(17))
+    flat = shard_model(g, "core", 8, 2, tp, 1, 3.0, True)
+    per_chunk = LAYERS // pp // vp
+    chunks: dict[tuple[int, int, int], dict[str, np.ndarray]] = {}
+    for t in range(tp):
+        for p in range(pp):
+            for v in range(vp):
+                # get_transformer_layer_offset with virtual stages: vp_stage * (L / vp) + pp_rank * (L / pp / vp)
+                offset = v * (LAYERS // vp) + p * per_chunk
+                d = {}
+                for k, a in flat[(t, 0)].items():
+                    i = M.layer_index(k)
+                    if i is not None and offset <= i < offset + per_chunk:
+                        d[M.renumber_layer(k, -offset)] = a
+                    elif i is None and (p, v) == (0, 0) and k.startswith("embedding."):
+                        d[k] = a
+                    elif i is None and (p, v) == (pp - 1, vp - 1) and not k.startswith("embedding."):
+                        d[k] = a
+                chunks[(t, p, v)] = d
+    lay = layout("core", 8, 2, 3.0, True)
+    merged = M.merge_model(_mem(chunks), lay, tp, pp, vp_size=vp, num_layers=LAYERS)
+    for key, want in expected_globals(g, "core", True).items():
+        assert np.array_equal(V.materialize(merged.tensors[key]), want), key
+    # Negative control: chunks taken in (pp, vp) order instead of (vp, pp) misplace the layers.
+    swapped = {(t, p, v): chunks[(t, v, p)] for t, p, v in chunks}
+    wrong = M.merge_model(_mem(swapped), lay, tp, pp, vp_size=vp)
+    key = "decoder.layers.1.self_attention.linear_q.weight"
+    assert not np.array_equal(V.materialize(wrong.tensors[key]), g["1.q"])
+    del chunks[(1, 1, 0)]
+    with pytest.raises(CheckpointError, match="mp_rank_01_001 model0: missing"):
+        M.merge_model(_mem(chunks), lay, tp, pp, vp_size=vp)

@@ -367,39 +367,52 @@ def rank_file(tp: int, pp: int, pp_size: int) -> str:
 
 
 def merge_model(
-    shards: Mapping[tuple[int, int], Mapping[str, LazyTensor]],
+    shards: Mapping[tuple[int, ...], Mapping[str, LazyTensor]],
     layout: Layout,
     tp_size: int,
     pp_size: int,
     *,
+    vp_size: int = 1,
     num_layers: int | None = None,
 ) -> Merged:
-    """The global unsharded model from `{(tp_rank, pp_stage): {key: tensor}}` (stage-local layer numbers)."""
-    expected = {(t, p) for t in range(tp_size) for p in range(pp_size)}
-    for t, p in sorted(expected - set(shards)):
-        raise CheckpointError(f"{rank_file(t, p, pp_size)}: missing (tensor parallel {tp_size}, pipeline {pp_size})")
-    for t, p in sorted(set(shards) - expected):
-        raise CheckpointError(f"{rank_file(t, p, pp_size)}: extra rank (tensor parallel {tp_size}, pipeline {pp_size})")
-    stage_keys = []
-    for p in range(pp_size):
-        keys = list(shards[(0, p)])
+    """The global unsharded model from `{(tp_rank, pp_stage): {key: tensor}}` (stage-local layer numbers).
+
+    With virtual pipeline stages (`vp_size` > 1, the `model0`, `model1`, ... chunks of each rank file)
+    the keys are `(tp_rank, pp_stage, vp_stage)`; chunks hold consecutive layers in (vp, pp) order,
+    as in Megatron's `get_transformer_layer_offset`.
+    """
+
+    def label(t: int, p: int, v: int) -> str:
+        return rank_file(t, p, pp_size) + (f" model{v}" if vp_size > 1 else "")
+
+    def where(c: tuple[int, int]) -> str:
+        return f"pipeline stage {c[0]}" + (f" chunk {c[1]}" if vp_size > 1 else "")
+
+    grid = {(t, p, v) for t in range(tp_size) for p in range(pp_size) for v in range(vp_size)}
+    norm = {(k[0], k[1], k[2] if len(k) > 2 else 0): d for k, d in shards.items()}
+    sizes = f"(tensor parallel {tp_size}, pipeline {pp_size}" + (f", virtual {vp_size})" if vp_size > 1 else ")")
+    for t, p, v in sorted(grid - set(norm)):
+        raise CheckpointError(f"{label(t, p, v)}: missing {sizes}")
+    for t, p, v in sorted(set(norm) - grid):
+        raise CheckpointError(f"{label(t, p, v)}: extra rank {sizes}")
+    chunks = [(p, v) for v in range(vp_size) for p in range(pp_size)]  # global layer order
+    chunk_keys = []
+    for p, v in chunks:
+        keys = list(norm[(0, p, v)])
         for t in range(1, tp_size):
-            other = shards[(t, p)]
-            diff = sorted(set(keys) ^ set(other))
+            diff = sorted(set(keys) ^ set(norm[(t, p, v)]))
             if diff:
-                raise CheckpointError(
-                    f"{rank_file(t, p, pp_size)}: {diff[0]!r} is in only one of it and {rank_file(0, p, pp_size)}"
-                )
-        stage_keys.append(keys)
-    counts = stage_layer_counts(stage_keys, [rank_file(0, p, pp_size) for p in range(pp_size)])
+                raise CheckpointError(f"{label(t, p, v)}: {diff[0]!r} is in only one of it and {label(0, p, v)}")
+        chunk_keys.append(keys)
+    counts = stage_layer_counts(chunk_keys, [label(0, p, v) for p, v in chunks])
     if num_layers is not None and sum(counts) != num_layers:
         raise CheckpointError(f"pipeline stages hold {counts} layers, {sum(counts)} in all, expected {num_layers}")
     out = Merged()
-    seen_in: dict[str, int] = {}
+    seen_in: dict[str, tuple[int, int]] = {}
     offset = 0
-    for p in range(pp_size):
-        for key in stage_keys[p]:
-            ranks = [shards[(t, p)][key] for t in range(tp_size)]
+    for (p, v), keys, count in zip(chunks, chunk_keys, counts, strict=True):
+        for key in keys:
+            ranks = [norm[(t, p, v)][key] for t in range(tp_size)]
             kind = layout.kind(key)
             gkey = renumber_layer(key, offset) if layer_index(key) is not None else key
             if kind is Kind.DROP:
@@ -413,9 +426,9 @@ def merge_model(
                 merged = {gkey: merge_tp(ranks, kind, gkey)}
             for k, view in merged.items():
                 if k in out.tensors:  # a non-layer tensor held by two stages must be the same tensor
-                    check_replicated([out.tensors[k], view], k, [f"pipeline stage {seen_in[k]}", f"pipeline stage {p}"])
+                    check_replicated([out.tensors[k], view], k, [where(seen_in[k]), where((p, v))])
                     continue
                 out.tensors[k] = view
-                seen_in[k] = p
-        offset += counts[p]
+                seen_in[k] = (p, v)
+        offset += count
     return out
