@@ -6,6 +6,7 @@ global state dict bit for bit, for every TP/PP split, spec, naming and `checkpoi
 from __future__ import annotations
 
 import argparse
+import io
 import re
 from pathlib import Path
 
@@ -383,6 +384,17 @@ def test_files_have_megatron_structure(tmp_path: Path) -> None:
     assert len(ck["optimizer"]["fp32_from_fp16_params"][0]) == len(ck["optimizer"]["optimizer"]["state"])
     first = torch.load(files[(0, 0)], weights_only=False)["model"]
     assert first["embedding.word_embeddings.weight"].shape == (64, 64) and "output_layer.weight" not in first
+
+
+def test_older_te_extra_state_is_a_bytesio(tmp_path: Path) -> None:
+    cfg = GPT2_LIKE
+    model = MegatronGPT(cfg).init_random(seed=8)
+    files = save_legacy(model, cfg, tmp_path, extra_state="bytesio", with_optimizer=False)
+    ck = torch.load(files[(0, 0)], weights_only=False)
+    extra = ck["model"]["decoder.layers.1.mlp.linear_fc2._extra_state"]
+    assert isinstance(extra, io.BytesIO) and torch.load(extra, weights_only=True) is None
+    assert "optimizer" not in ck and "opt_param_scheduler" not in ck
+    assert_same(reassemble(tmp_path, cfg), expected_state(model, 1))
 
 
 def test_legacy_layout_names(tmp_path: Path) -> None:

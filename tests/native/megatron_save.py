@@ -20,8 +20,9 @@ layers numbered from 0, the embeddings on the first stage, the final norm and ou
 a tied output layer with pp > 1 is also saved on the last stage (`output_layer.weight`, legacy
 `word_embeddings_for_head.weight`).
 
-`naming="core"` keeps megatron-core keys in a flat `model` dict (`spec="te"`: fused norms plus empty
-`_extra_state` tensors for each TE module, `spec="local"`: `input_layernorm`/`pre_mlp_layernorm`).
+`naming="core"` keeps megatron-core keys in a flat `model` dict (`spec="te"`: fused norms plus an
+`_extra_state` entry per TE module, `extra_state="tensor"|"bytesio"|"none"`; `spec="local"`:
+`input_layernorm`/`pre_mlp_layernorm`).
 `naming="legacy"` writes the nested `language_model` dict (`embedding`, `encoder`, `output_layer`) with
 legacy layer names; `checkpoint_version` then sets the per-rank fused-QKV order: 0 → `[3, np, hn]`,
 1.0 → `[np, hn, 3]`, ≥ 2.0 → `[np, 3, hn]` (per group `[q × np/ng, k, v]` with GQA, which needs ≥ 2.0).
@@ -30,6 +31,7 @@ legacy layer names; `checkpoint_version` then sets the per-rank fused-QKV order:
 from __future__ import annotations
 
 import argparse
+import io
 import random
 import re
 from pathlib import Path
@@ -136,8 +138,21 @@ def shard_core(model: MegatronGPT, tp: int, pp: int) -> dict[tuple[int, int], di
     return shards
 
 
-def to_core_spec(shard: dict[str, torch.Tensor], spec: str) -> dict[str, object]:
-    """Rename for the local spec, or add TE's `_extra_state` entries (empty uint8 tensors without FP8)."""
+def te_extra_state(kind: str) -> object:
+    """A TE module's `_extra_state` without FP8: an empty uint8 tensor (recent TE), a `torch.save(None)`
+    into `io.BytesIO` (older TE: pickles the `_io.BytesIO` global), or None."""
+    if kind == "tensor":
+        return torch.empty(0, dtype=torch.uint8)
+    if kind == "bytesio":
+        buf = io.BytesIO()
+        torch.save(None, buf)
+        buf.seek(0)
+        return buf
+    return None
+
+
+def to_core_spec(shard: dict[str, torch.Tensor], spec: str, extra_state: str = "tensor") -> dict[str, object]:
+    """Rename for the local spec, or add TE's `_extra_state` entries (see `te_extra_state`)."""
     out: dict[str, object] = {}
     layers = sorted({int(m.group(1)) for k in shard if (m := LAYER.fullmatch(k))})
     for key, t in shard.items():
@@ -148,7 +163,7 @@ def to_core_spec(shard: dict[str, torch.Tensor], spec: str) -> dict[str, object]
     if spec == "te":
         for i in layers:
             for module in TE_MODULES:
-                out[f"decoder.layers.{i}.{module}._extra_state"] = torch.empty(0, dtype=torch.uint8)
+                out[f"decoder.layers.{i}.{module}._extra_state"] = te_extra_state(extra_state)
     return out
 
 
@@ -284,6 +299,7 @@ def save_legacy(
     spec: str = "te",
     args_overrides: dict[str, object] | None = None,
     with_optimizer: bool = True,
+    extra_state: str = "tensor",
 ) -> dict[tuple[int, int], Path]:
     """Save `model` as Megatron-LM's legacy torch checkpoint; returns {(tp_rank, pp_rank): file}."""
     if model.padded_vocab != cfg.padded_vocab_size(tp):
@@ -298,7 +314,9 @@ def save_legacy(
         args.use_mcore_models, args.transformer_impl = False, "local"
     files = {}
     for (rank, stage), shard in sorted(shard_core(model, tp, pp).items()):
-        state = to_legacy(shard, cfg, checkpoint_version) if naming == "legacy" else to_core_spec(shard, spec)
+        state = (
+            to_legacy(shard, cfg, checkpoint_version) if naming == "legacy" else to_core_spec(shard, spec, extra_state)
+        )
         path = folder / f"iter_{ITERATION:07d}" / rank_folder(rank, stage, pp) / "model_optim_rng.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         ckpt: dict[str, object] = {
