@@ -3,7 +3,10 @@ place, and their corrupt forms refused with one-line errors naming the file and 
 
 from __future__ import annotations
 
+import argparse
 import io
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -273,3 +276,107 @@ def test_nemo_lightning_ckpt_with_foreign_global_refused(tmp_path) -> None:
     torch.save(_lightning_ckpt({"hidden_size": 4}), path)
     with open_checkpoint(path) as ckpt:
         assert ckpt.values["hyper_parameters"] == {"cfg": {"hidden_size": 4}}
+
+
+# --- Megatron-LM legacy folders -------------------------------------------------------------------------------------
+
+
+def _megatron_rank(tp: int, pp: int, tp_size: int, pp_size: int, version: float = 3.0) -> dict:
+    g = torch.Generator().manual_seed(100 * pp + tp)
+    args = argparse.Namespace(
+        num_layers=2 * pp_size,
+        hidden_size=8,
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=pp_size,
+        make_vocab_size_divisible_by=128,
+        tokenizer_type="GPT2BPETokenizer",
+    )
+    lm = {"encoder": {"layers.0.self_attention.query_key_value.weight": torch.randn(24 // tp_size, 8, generator=g)}}
+    if pp == 0:
+        lm["embedding"] = {"word_embeddings": {"weight": torch.randn(16 // tp_size, 8, generator=g)}}
+    return {
+        "args": args,
+        "checkpoint_version": version,
+        "iteration": 500,
+        "model": {"language_model": lm},
+        "optimizer": {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}},
+        "rng_state": [{"random_rng_state": (3, (1, 2), None), "np_rng_state": np.random.get_state()}],
+    }
+
+
+def _megatron_save(root, tp_size: int, pp_size: int, *, tracker: str | None = "500", sub: str = "iter_0000500"):
+    states = {}
+    for pp in range(pp_size):
+        for tp in range(tp_size):
+            name = f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if pp_size > 1 else "")
+            folder = root / sub / name
+            folder.mkdir(parents=True)
+            states[name] = _megatron_rank(tp, pp, tp_size, pp_size)
+            torch.save(states[name], folder / "model_optim_rng.pt")
+    if tracker is not None:
+        (root / "latest_checkpointed_iteration.txt").write_text(tracker + "\n")
+    return states
+
+
+@pytest.mark.parametrize(("tp_size", "pp_size"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_megatron_folder_ranks(tmp_path, tp_size: int, pp_size: int) -> None:
+    states = _megatron_save(tmp_path, tp_size, pp_size)
+    with open_checkpoint(str(tmp_path)) as ckpt:
+        assert ckpt.format == "megatron"
+        assert (ckpt.values["tensor_parallel"], ckpt.values["pipeline_parallel"]) == (tp_size, pp_size)
+        assert ckpt.values["args"]["hidden_size"] == 8 and ckpt.values["iteration"] == 500
+        assert ckpt.values["checkpoint_version"] == 3.0
+        assert len(ckpt.values["ranks"]) == tp_size * pp_size
+        qkv = "model.language_model.encoder.layers.0.self_attention.query_key_value.weight"
+        for r in ckpt.values["ranks"]:
+            folder = r["prefix"].rstrip("/") or "mp_rank_00"
+            assert folder == f"mp_rank_{r['tp']:02d}" + (f"_{r['pp']:03d}" if pp_size > 1 else "")
+            got = read_all(ckpt.tensors[r["prefix"] + qkv])
+            np.testing.assert_array_equal(
+                got, states[folder]["model"]["language_model"]["encoder"][qkv.split("encoder.")[1]].numpy()
+            )
+            assert "np_rng_state" in str(ckpt.values[r["prefix"] + "rng_state"])
+        if tp_size * pp_size == 1:
+            assert qkv in ckpt.tensors  # one rank: names unprefixed
+
+
+def test_megatron_folder_entry_points(tmp_path) -> None:
+    _megatron_save(tmp_path / "a", 1, 1, tracker="release", sub="release")
+    _megatron_save(tmp_path / "b", 2, 1, tracker=None)  # no tracker: the single iteration folder
+    with open_checkpoint(str(tmp_path / "a")) as ckpt:
+        assert ckpt.values["iteration_folder"].endswith("release")
+    with open_checkpoint(str(tmp_path / "b")) as ckpt:
+        assert ckpt.values["tensor_parallel"] == 2
+    with open_checkpoint(str(tmp_path / "b" / "iter_0000500")) as ckpt:  # the iteration folder itself
+        assert ckpt.values["tensor_parallel"] == 2
+
+
+def test_megatron_folder_corrupt_inputs(tmp_path) -> None:
+    def fails(root, needle: str) -> None:
+        with pytest.raises(CheckpointError) as e:
+            open_checkpoint(str(root))
+        assert needle in _one_line(e), (needle, str(e.value))
+
+    _megatron_save(tmp_path / "hole", 2, 2)
+    shutil.rmtree(tmp_path / "hole" / "iter_0000500" / "mp_rank_01_000")
+    fails(tmp_path / "hole", "mp_rank_01_000 is missing")
+    _megatron_save(tmp_path / "last", 2, 2)  # the last stage missing: caught by the saved parallel sizes
+    for name in ("mp_rank_00_001", "mp_rank_01_001"):
+        shutil.rmtree(tmp_path / "last" / "iter_0000500" / name)
+    fails(tmp_path / "last", "args.pipeline_model_parallel_size is 2")
+    _megatron_save(tmp_path / "extra", 2, 1)
+    (tmp_path / "extra" / "iter_0000500" / "optimizer_shards").mkdir()
+    fails(tmp_path / "extra", "optimizer_shards: unexpected folder")
+    _megatron_save(tmp_path / "trunc", 2, 1)
+    rank_file = tmp_path / "trunc" / "iter_0000500" / "mp_rank_01" / "model_optim_rng.pt"
+    rank_file.write_bytes(rank_file.read_bytes()[:-200])
+    fails(tmp_path / "trunc", str(rank_file))
+    _megatron_save(tmp_path / "tracker", 1, 1, tracker="700")
+    fails(tmp_path / "tracker", "names iteration 700")
+    _megatron_save(tmp_path / "escape", 1, 1, tracker="release", sub="release")
+    os.symlink(tmp_path / "hole", tmp_path / "escape" / "release" / "mp_rank_01")
+    fails(tmp_path / "escape", "leaves the checkpoint folder")
+    _megatron_save(tmp_path / "evil", 1, 1)
+    evil = {**_megatron_rank(0, 0, 1, 1), "args": _Evil()}
+    torch.save(evil, tmp_path / "evil" / "iter_0000500" / "mp_rank_00" / "model_optim_rng.pt")
+    fails(tmp_path / "evil", "data.pkl: refusing to load posix.system")

@@ -8,11 +8,12 @@ folders, tar members) follow the same rules.
 
 `open_checkpoint` chooses the reader from what the path *contains*, never from its name alone:
 
-- a folder: a DCP checkpoint (`.metadata`, `*.distcp`), safetensors files (or their index), else the one
+- a folder: a DCP checkpoint (`.metadata`, `*.distcp`), a Megatron-LM save or iteration folder (per-rank
+  `mp_rank_TT[_PPP]/model_optim_rng.pt`, see `megatron_folder`), safetensors files (or their index), else the one
   checkpoint file inside it that a file reader recognises (several are an error naming them);
 - a file: its first bytes (`HEAD_BYTES`) go to each file reader's sniffer — safetensors (8-byte little-endian
   header length, then `{`), torch.save zip (`PK\x03\x04` whose archive holds `<name>/data.pkl`), legacy
-  torch pickle (protocol byte `\x80` then 2..5);
+  torch pickle (protocol byte `\x80` then 2..5), uncompressed tar (`ustar` at 257: a NeMo `.nemo` archive);
 - content no sniffer claims goes to the reader whose `suffixes` match the file name, so a damaged
   `.safetensors` or `.pt` gets that reader's precise message; otherwise a one-line error lists what was tried.
 
@@ -125,6 +126,10 @@ def _lazy(module: str, function: str) -> Opener:
     return opener
 
 
+def _module(name: str) -> Any:
+    return importlib.import_module(name)
+
+
 def _is_dcp(path: str, head: bytes) -> bool:
     names = os.listdir(path)
     return ".metadata" in names or any(n.endswith(".distcp") for n in names)
@@ -173,6 +178,13 @@ register_reader(
     _lazy("hubconv.io.dcp", "open_dcp"),
     kind="folder",
     description="DCP folder (.metadata, *.distcp)",
+)
+register_reader(
+    "megatron",
+    lambda path, head: _module("hubconv.io.megatron_folder").is_megatron_folder(path, head),
+    _lazy("hubconv.io.megatron_folder", "open_megatron"),
+    kind="folder",
+    description="Megatron-LM folder (latest_checkpointed_iteration.txt, iter_*/mp_rank_*/model_optim_rng.pt)",
 )
 register_reader(
     "safetensors-folder",
