@@ -9,6 +9,8 @@ are safetensors files, so row views must keep their file segments.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -496,3 +498,90 @@ def test_virtual_pipeline_chunks_follow_megatron_offsets() -> None:
     del chunks[(1, 1, 0)]
     with pytest.raises(CheckpointError, match="mp_rank_01_001 model0: missing"):
         M.merge_model(_mem(chunks), lay, tp, pp, vp_size=vp)
+
+
+# ------------------------------------------- against the Megatron checkpoint fixtures (torch zip)
+
+FIXTURE_CASES = [
+    # naming, spec, tp, pp, checkpoint_version, config overrides
+    ("core", "te", 2, 2, 3.0, {"num_query_groups": 2, "activation": "swiglu", "normalization": "RMSNorm"}),
+    ("core", "local", 2, 1, 3.0, {"untie_embeddings_and_output_weights": True}),
+    ("legacy", "local", 2, 2, 0, {}),
+    ("legacy", "local", 2, 1, 1.0, {}),
+    ("legacy", "local", 1, 2, 3.0, {"activation": "swiglu"}),
+]
+
+
+def _fixture_expectation(model, cfg, naming: str, spec: str) -> dict[str, np.ndarray]:
+    """Global tensors of the reference model under the names merge_model gives them."""
+    from tests.native.megatron_save import LEGACY_LAYER_NAMES, LOCAL_LAYER_NAMES
+
+    hn, groups = cfg.head_dim, cfg.groups
+    hpg = cfg.num_attention_heads // groups
+    out: dict[str, np.ndarray] = {}
+    for name, t in model.state_dict().items():
+        a = t.numpy()
+        m = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", name)
+        sub = m.group(2) if m else None
+        if naming == "legacy":
+            sub = LEGACY_LAYER_NAMES.get(sub, sub)
+            pre = f"language_model.encoder.layers.{m.group(1)}." if m else ""
+            qkv, fc1 = "self_attention.query_key_value", "mlp.dense_h_to_4h"
+            q, k, v, gate, up = "query", "key", "value", "dense_h_to_4h_gate", "dense_h_to_4h_up"
+        else:
+            sub = LOCAL_LAYER_NAMES.get(sub, sub) if spec == "local" else sub
+            pre = f"decoder.layers.{m.group(1)}." if m else ""
+            qkv, fc1 = "self_attention.linear_qkv", "mlp.linear_fc1"
+            q, k, v, gate, up = "linear_q", "linear_k", "linear_v", "linear_fc1_gate", "linear_fc1_up"
+        if not m:
+            key = {
+                "embedding.word_embeddings.weight": "language_model.embedding.word_embeddings.weight",
+                "embedding.position_embeddings.weight": "language_model.embedding.position_embeddings.weight",
+                "decoder.final_layernorm.weight": "language_model.encoder.final_layernorm.weight",
+                "decoder.final_layernorm.bias": "language_model.encoder.final_layernorm.bias",
+                "output_layer.weight": "language_model.output_layer.weight",
+            }[name]
+            out["model." + (key if naming == "legacy" else name)] = a
+            continue
+        leaf = sub.rsplit(".", 1)[-1]
+        if sub.startswith(qkv + ".") and leaf in ("weight", "bias"):
+            per_group = a.reshape(groups, hpg + 2, hn, *a.shape[1:])
+            parts = (per_group[:, :hpg], per_group[:, hpg : hpg + 1], per_group[:, hpg + 1 :])
+            for part, arr in zip((q, k, v), parts, strict=True):
+                out[f"model.{pre}self_attention.{part}.{leaf}"] = arr.reshape(-1, *a.shape[1:])
+        elif sub.startswith(fc1 + ".") and leaf in ("weight", "bias") and cfg.activation == "swiglu":
+            g_, u_ = np.split(a, 2)
+            out[f"model.{pre}mlp.{gate}.{leaf}"], out[f"model.{pre}mlp.{up}.{leaf}"] = g_, u_
+        else:
+            out[f"model.{pre}{sub}"] = a
+    return out
+
+
+@pytest.mark.parametrize("naming,spec,tp,pp,version,overrides", FIXTURE_CASES)
+def test_merge_of_saved_megatron_checkpoints(tmp_path, naming, spec, tp, pp, version, overrides) -> None:
+    pytest.importorskip("torch")
+    from hubconv.io.torch_file import open_torch_zip
+    from tests.native.megatron_gpt import MegatronGPT, MegatronGPTConfig
+    from tests.native.megatron_save import save_legacy
+
+    cfg = MegatronGPTConfig(num_layers=4, **overrides)
+    model = MegatronGPT(cfg, tp=tp).init_random(7)
+    files = save_legacy(model, cfg, tmp_path, tp=tp, pp=pp, checkpoint_version=version, naming=naming, spec=spec)
+    opened = {rank: open_torch_zip(str(path)) for rank, path in files.items()}
+    shards = {rank: {k: t for k, t in c.tensors.items() if k.startswith("model.")} for rank, c in opened.items()}
+    att = M.Attention(cfg.num_attention_heads, cfg.groups, cfg.head_dim, version)
+    table = M.CORE_TABLE if naming == "core" else M.LEGACY_TABLE
+    lay = M.Layout(table, att, gated=cfg.activation == "swiglu")
+    merged = M.merge_model(shards, lay, tp, pp, num_layers=cfg.num_layers)
+    expect = _fixture_expectation(model, cfg, naming, spec)
+    tied_head = "model.word_embeddings_for_head.weight" if naming == "legacy" else "model.output_layer.weight"
+    if pp > 1 and not cfg.untie_embeddings_and_output_weights:  # the last stage's copy of the tied embedding
+        expect[tied_head] = expect[
+            f"model.{'language_model.' if naming == 'legacy' else ''}embedding.word_embeddings.weight"
+        ]
+    assert sorted(merged.tensors) == sorted(expect)
+    for key, want in expect.items():
+        assert np.array_equal(V.materialize(merged.tensors[key]), want), key
+    assert all(k.endswith("_extra_state") for k in merged.dropped) and (spec == "te") == bool(merged.dropped)
+    for c in opened.values():
+        c.close()
