@@ -585,3 +585,30 @@ def test_merge_of_saved_megatron_checkpoints(tmp_path, naming, spec, tp, pp, ver
     assert all(k.endswith("_extra_state") for k in merged.dropped) and (spec == "te") == bool(merged.dropped)
     for c in opened.values():
         c.close()
+
+
+class CountingTensor(ArrayTensor):
+    """An in-memory tensor that records the largest read (rows) it served."""
+
+    largest = 0
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        CountingTensor.largest = max(CountingTensor.largest, stop - start)
+        return super().read_rows(start, stop)
+
+
+def test_merges_read_bounded_blocks() -> None:
+    rows, cols, tp = 4096, 256, 2  # 4 MiB per rank, four 1 MiB blocks (1024 rows)
+    rng = np.random.default_rng(19)
+    same = rng.standard_normal((rows, cols)).astype(np.float32)
+    CountingTensor.largest = 0
+    M.merge_tp([CountingTensor(f"n{r}", F32, same) for r in range(tp)], M.Kind.REPLICATED, "norm")
+    assert CountingTensor.largest == 1024  # the equality check streams block by block
+    heads = 64  # 16 groups, head_dim 64: q has 4096 rows (4 MiB), 32 heads per rank
+    fused = [rng.standard_normal(((heads + 2 * 16) // tp * 64, cols)).astype(np.float32) for _ in range(tp)]
+    q, _, _ = M.merge_qkv(
+        [CountingTensor(f"qkv{r}", F32, a) for r, a in enumerate(fused)], M.Attention(heads, 16, 64), "qkv"
+    )
+    CountingTensor.largest = 0
+    blocks = list(V.blocks(q))
+    assert len(blocks) == 4 and CountingTensor.largest <= 1024

@@ -23,6 +23,7 @@ fused QKV and gated fc1 already split into separate keys (see `SPLIT_NAMES`).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -105,7 +106,11 @@ def shard_tp(t: LazyTensor, kind: Kind, tp: int) -> list[LazyTensor]:
 
 @dataclass(frozen=True)
 class Attention:
-    """Global attention sizes and the checkpoint's QKV ordering version."""
+    """Global attention sizes and the checkpoint's QKV ordering version.
+
+    A checkpoint without `checkpoint_version` is version 0, as Megatron reads it
+    (`state_dict.get('checkpoint_version', 0)`). `num_query_groups` is `num_heads` without GQA.
+    """
 
     num_heads: int
     num_query_groups: int
@@ -347,10 +352,15 @@ class Layout:
     gated: bool = False
 
     def kind(self, key: str) -> Kind:
-        for pattern, kind in self.table:
-            if re.search(r"(?:^|\.)" + pattern, key):
+        for pattern, kind in _compiled(self.table):
+            if pattern.search(key):
                 return Kind.COLUMN if kind is Kind.FC1 and not self.gated else kind
         raise MappingError(f"{key}: not a known Megatron parameter")
+
+
+@functools.cache
+def _compiled(table: tuple[tuple[str, Kind], ...]) -> tuple[tuple[re.Pattern[str], Kind], ...]:
+    return tuple((re.compile(r"(?:^|\.)" + p), k) for p, k in table)
 
 
 @dataclass
