@@ -16,7 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tests.native.megatron_gpt import MegatronGPT, MegatronGPTConfig
-from tests.native.megatron_save import DROP, save_legacy
+from tests.native.megatron_save import DROP, save_legacy, save_nemo_archive, save_nemo_ckpt
 
 GPT2_LIKE = MegatronGPTConfig(vocab_size=100, make_vocab_size_divisible_by=16)  # padded to 112 (TP=1), 128 (TP=2)
 LLAMA_LIKE = MegatronGPTConfig(
@@ -412,3 +412,95 @@ def test_legacy_layout_names(tmp_path: Path) -> None:
         save_legacy(model, cfg, tmp_path / "bad", checkpoint_version=0, naming="core")
     with pytest.raises(ValueError, match="TP=1"):
         save_legacy(model, cfg, tmp_path / "bad", tp=2)
+
+
+# ---------------------------------------------------------------- NeMo .ckpt and .nemo
+
+
+def nemo_to_rank_model(state: dict[str, object], prefix: str) -> dict[str, object]:
+    """NeMo's flat `model.`-prefixed keys -> the rank `model` dict `flatten_rank` reads (core flat or legacy nested)."""
+    assert all(k.startswith(prefix) for k in state)
+    body = {k[len(prefix) :]: v for k, v in state.items()}
+    if not any(k.startswith("language_model.") for k in body):
+        return body
+    lm: dict[str, dict] = {"embedding": {}, "encoder": {}}
+    for key, t in body.items():
+        part, rest = key.removeprefix("language_model.").split(".", 1)
+        if part == "embedding":
+            kind, leaf = rest.split(".")
+            lm["embedding"][kind] = {leaf: t}
+        elif part == "encoder":
+            lm["encoder"][rest] = t
+        elif part == "output_layer":
+            lm["output_layer"] = {"weight": t}
+        else:
+            assert key == "language_model.rotary_pos_emb.inv_freq", key
+    return {"language_model": lm}
+
+
+@pytest.mark.parametrize(("cfg", "naming", "amp_o2"), [(GPT2_LIKE, "legacy", False), (LLAMA_LIKE, "core", True)])
+def test_nemo_ckpt_holds_a_dictconfig_and_the_weights(tmp_path: Path, cfg, naming: str, amp_o2: bool) -> None:
+    from omegaconf import DictConfig, OmegaConf
+
+    model = MegatronGPT(cfg).init_random(seed=9)
+    path = save_nemo_ckpt(model, cfg, tmp_path / "megatron_gpt.ckpt", naming=naming, amp_o2=amp_o2)
+    ck = torch.load(path, weights_only=False)
+    assert {"state_dict", "hyper_parameters", "global_step", "pytorch-lightning_version"} <= set(ck)
+    conf = ck["hyper_parameters"]["cfg"]
+    assert isinstance(conf, DictConfig)
+    plain = OmegaConf.to_container(conf)
+    assert (plain["num_layers"], plain["hidden_size"], plain["num_attention_heads"]) == (2, 64, 4)
+    assert plain["mcore_gpt"] == (naming == "core") and plain["megatron_amp_O2"] == amp_o2
+    assert plain["share_embeddings_and_output_weights"] == (not cfg.untie_embeddings_and_output_weights)
+    assert plain["normalization"] == ("rmsnorm" if cfg.normalization == "RMSNorm" else "layernorm")
+    rank_model = nemo_to_rank_model(ck["state_dict"], "model.module." if amp_o2 else "model.")
+    assert_same(flatten_rank(rank_model, cfg, 1, 3.0), dict(model.state_dict()))
+
+
+def test_nemo_ckpt_legacy_rope_has_inv_freq(tmp_path: Path) -> None:
+    cfg = LLAMA_LIKE
+    model = MegatronGPT(cfg).init_random(seed=10)
+    state = torch.load(save_nemo_ckpt(model, cfg, tmp_path / "x.ckpt", naming="legacy"), weights_only=False)
+    inv = state["state_dict"]["model.language_model.rotary_pos_emb.inv_freq"]
+    assert (
+        inv.shape == (cfg.head_dim // 2,) and inv[0] == 1.0 and torch.isclose(inv[1], torch.tensor(500000 ** (-2 / 16)))
+    )
+    rank_model = nemo_to_rank_model(state["state_dict"], "model.")
+    assert_same(flatten_rank(rank_model, cfg, 1, 3.0), dict(model.state_dict()))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "tp", "naming"), [(GPT2_LIKE, 2, "legacy"), (LLAMA_LIKE, 2, "core"), (GPT2_LIKE, 1, "core")]
+)
+def test_nemo_archive_members_in_place(tmp_path: Path, cfg, tp: int, naming: str) -> None:
+    import tarfile
+
+    import yaml
+
+    model = MegatronGPT(cfg, tp=tp).init_random(seed=11)
+    spm = tmp_path / "tokenizer.model"
+    spm.write_bytes(b"\x0a\x05piece-bytes-standing-in-for-a-sentencepiece-model")
+    path = save_nemo_archive(model, cfg, tmp_path / "model.nemo", tp=tp, naming=naming, tokenizer_model=spm)
+    raw = path.read_bytes()
+    with tarfile.open(path, "r:") as tar:  # uncompressed: opening as plain tar must work
+        files = {m.name: m for m in tar.getmembers() if m.isfile()}
+        weights = ["./model_weights.ckpt"] if tp == 1 else [f"./mp_rank_{r:02d}/model_weights.ckpt" for r in range(tp)]
+        tok = [n for n in files if n.endswith("_tokenizer.model")]
+        assert set(files) == {"./model_config.yaml", *weights, *tok} and len(tok) == 1
+        conf = yaml.safe_load(tar.extractfile(files["./model_config.yaml"]).read())
+        assert conf["tensor_model_parallel_size"] == tp and conf["tokenizer"]["model"] == "nemo:" + tok[0][2:]
+
+        def member(name: str) -> bytes:  # a member's bytes read in place, without the tar module
+            m = files[name]
+            return raw[m.offset_data : m.offset_data + m.size]
+
+        assert member(tok[0]) == spm.read_bytes()
+        ranks = [torch.load(io.BytesIO(member(w)), weights_only=False) for w in weights]
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for state in ranks:
+        for k, t in flatten_rank(nemo_to_rank_model(state, "model."), cfg, tp, 3.0).items():
+            pieces.setdefault(k, []).append(t)
+    assert_same({k: merge_tp(k, v, cfg) for k, v in pieces.items()}, dict(model.state_dict()))
+    gz = save_nemo_archive(model, cfg, tmp_path / "gz.nemo", tp=tp, naming=naming, compress=True)
+    with pytest.raises(tarfile.ReadError):
+        tarfile.open(gz, "r:")  # the compressed variant is not readable in place

@@ -334,3 +334,150 @@ def save_legacy(
         torch.save(ckpt, path)
         files[(rank, stage)] = path
     return files
+
+
+# ---------------------------------------------------------------- NeMo (MegatronGPTModel) layouts
+
+
+def flat_keys(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """Nested legacy dict -> dotted keys, as `nn.Module.state_dict()` names them in NeMo."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= flat_keys(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def nemo_state(shard: dict[str, torch.Tensor], cfg: MegatronGPTConfig, naming: str, amp_o2: bool) -> dict[str, object]:
+    """A TP-rank shard as NeMo's `MegatronGPTModel.state_dict()`: `model.` (O2: `model.module.`) + core or
+    legacy names; legacy QKV in the ≥ 2.0 order, and the legacy rotary `inv_freq` buffer."""
+    prefix = "model.module." if amp_o2 else "model."
+    if naming == "legacy":
+        body = flat_keys(to_legacy(shard, cfg, 3.0))
+        if cfg.position_embedding_type == "rope":
+            rot_dim = int(cfg.head_dim * cfg.rotary_percent)
+            inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+            body["language_model.rotary_pos_emb.inv_freq"] = inv
+    else:
+        body = to_core_spec(shard, "te")
+    return {prefix + k: v for k, v in body.items()}
+
+
+def nemo_config(
+    cfg: MegatronGPTConfig, tp: int, naming: str, amp_o2: bool, tokenizer_member: str | None
+) -> dict[str, object]:
+    """The `cfg` NeMo saves (model_config.yaml / hyper_parameters.cfg) for a GPT model."""
+    return {
+        "target": "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel",
+        "nemo_version": "1.22.0",
+        "mcore_gpt": naming == "core",
+        "transformer_engine": naming == "core",
+        "micro_batch_size": 4,
+        "global_batch_size": 8,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": 1,
+        "encoder_seq_length": cfg.max_position_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "ffn_hidden_size": cfg.ffn,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_query_groups": cfg.num_query_groups,
+        "kv_channels": None,
+        "init_method_std": 0.02,
+        "hidden_dropout": 0.1,
+        "attention_dropout": 0.1,
+        "layernorm_epsilon": cfg.layernorm_epsilon,
+        "normalization": "layernorm" if cfg.normalization == "LayerNorm" else "rmsnorm",
+        "bias": cfg.add_bias_linear,
+        "activation": "fast-swiglu" if cfg.activation == "swiglu" else "gelu",
+        "bias_activation_fusion": cfg.activation == "gelu_tanh",
+        "position_embedding_type": cfg.position_embedding_type,
+        "rotary_percentage": cfg.rotary_percent,
+        "rotary_base": cfg.rotary_base,
+        "share_embeddings_and_output_weights": not cfg.untie_embeddings_and_output_weights,
+        "make_vocab_size_divisible_by": cfg.make_vocab_size_divisible_by,
+        "apply_query_key_layer_scaling": False,
+        "megatron_amp_O2": amp_o2,
+        "precision": 32,
+        "tokenizer": {
+            "library": "sentencepiece" if tokenizer_member else "megatron",
+            "type": None if tokenizer_member else "GPT2BPETokenizer",
+            "model": f"nemo:{tokenizer_member}" if tokenizer_member else None,
+            "vocab_file": None,
+            "merge_file": None,
+        },
+        "optim": {"name": "fused_adam", "lr": 3e-4, "weight_decay": 0.1},
+    }
+
+
+def save_nemo_ckpt(
+    model: MegatronGPT,
+    cfg: MegatronGPTConfig,
+    path: str | Path,
+    naming: str = "core",
+    amp_o2: bool = False,
+    with_optimizer: bool = True,
+) -> Path:
+    """A Lightning `.ckpt` of NeMo's MegatronGPTModel (TP=1 PP=1) with `hyper_parameters.cfg` a pickled DictConfig."""
+    from omegaconf import OmegaConf  # test-only dependency (pyproject dev extra)
+
+    if model.padded_vocab != cfg.padded_vocab_size(1):
+        raise ValueError("NeMo .ckpt fixture is TP=1: build MegatronGPT(cfg, tp=1)")
+    state = nemo_state(shard_core(model, 1, 1)[(0, 0)], cfg, naming, amp_o2)
+    ckpt: dict[str, object] = {
+        "epoch": 0,
+        "global_step": ITERATION,
+        "pytorch-lightning_version": "2.0.7",
+        "state_dict": state,
+        "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 0}}}},
+        "callbacks": {},
+        "hparams_name": "cfg",
+        "hyper_parameters": {"cfg": OmegaConf.create(nemo_config(cfg, 1, naming, amp_o2, None))},
+    }
+    if with_optimizer:
+        ckpt["optimizer_states"] = [optimizer_state(state)["optimizer"]]
+        ckpt["lr_schedulers"] = [{"last_epoch": ITERATION, "_step_count": ITERATION + 1}]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def save_nemo_archive(
+    model: MegatronGPT,
+    cfg: MegatronGPTConfig,
+    path: str | Path,
+    tp: int = 1,
+    naming: str = "core",
+    amp_o2: bool = False,
+    tokenizer_model: str | Path | None = None,
+    compress: bool = False,
+) -> Path:
+    """A `.nemo` tar as NeMo's `save_to` writes it (members `./model_config.yaml`, `./model_weights.ckpt` or
+    `./mp_rank_TT/model_weights.ckpt` for TP > 1, `./<hex>_tokenizer.model`); uncompressed unless `compress`."""
+    import tarfile
+    import tempfile
+
+    import yaml
+
+    if model.padded_vocab != cfg.padded_vocab_size(tp):
+        raise ValueError(f"model padded for TP={model.tp}, saving with TP={tp}")
+    member = "a1b2c3d4e5f60718293a4b5c6d7e8f90_tokenizer.model" if tokenizer_model else None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        conf = nemo_config(cfg, tp, naming, amp_o2, member)
+        (root / "model_config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+        if member and tokenizer_model:
+            (root / member).write_bytes(Path(tokenizer_model).read_bytes())
+        for (rank, _), shard in sorted(shard_core(model, tp, 1).items()):
+            weights = root / (f"mp_rank_{rank:02d}" if tp > 1 else "") / "model_weights.ckpt"
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(nemo_state(shard, cfg, naming, amp_o2), weights)
+        with tarfile.open(path, "w:gz" if compress else "w:") as tar:
+            tar.add(root, arcname=".")
+    return path
