@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -380,3 +382,66 @@ def test_megatron_folder_corrupt_inputs(tmp_path) -> None:
     evil = {**_megatron_rank(0, 0, 1, 1), "args": _Evil()}
     torch.save(evil, tmp_path / "evil" / "iter_0000500" / "mp_rank_00" / "model_optim_rng.pt")
     fails(tmp_path / "evil", "data.pkl: refusing to load posix.system")
+
+
+# --- Megatron-core torch_dist ---------------------------------------------------------------------------------------
+
+
+def _torch_dist_save(root, backend: str = "torch_dist") -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    folder = root / "iter_0000010"
+    state = {
+        "decoder.layers.self_attention.linear_qkv.weight": torch.randn(2, 12, 4),
+        "embedding.word_embeddings.weight": torch.randn(16, 4),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(folder))
+    (folder / "metadata.json").write_text(
+        json.dumps(
+            {
+                "sharded_backend": backend,
+                "sharded_backend_version": 1,
+                "common_backend": "torch",
+                "common_backend_version": 1,
+            }
+        )
+    )
+    common = {"args": argparse.Namespace(num_layers=2, hidden_size=4), "checkpoint_version": 3.0, "iteration": 10}
+    torch.save(common, folder / "common.pt")
+    (root / "latest_checkpointed_iteration.txt").write_text("10")
+    return state
+
+
+def test_megatron_torch_dist(tmp_path) -> None:
+    state = _torch_dist_save(tmp_path)
+    for path in (tmp_path, tmp_path / "iter_0000010"):
+        with open_checkpoint(str(path)) as ckpt:
+            assert ckpt.format == "megatron-torch-dist"
+            assert ckpt.values["args"] == {"num_layers": 2, "hidden_size": 4}
+            assert (ckpt.values["checkpoint_version"], ckpt.values["iteration"]) == (3.0, 10)
+            assert ckpt.values["dist_metadata"]["sharded_backend"] == "torch_dist"
+            for name, t in state.items():
+                np.testing.assert_array_equal(read_all(ckpt.tensors[name]), t.numpy())
+
+
+def test_megatron_torch_dist_refusals(tmp_path) -> None:
+    _torch_dist_save(tmp_path / "zarr", backend="zarr")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(str(tmp_path / "zarr"))
+    assert "metadata.json: sharded_backend 'zarr' is not supported" in _one_line(e)
+    _torch_dist_save(tmp_path / "nocommon")
+    os.remove(tmp_path / "nocommon" / "iter_0000010" / "common.pt")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(str(tmp_path / "nocommon"))
+    assert "common.pt: missing" in _one_line(e)
+
+
+def test_dcp_folder_with_unrelated_metadata_json_stays_dcp(tmp_path) -> None:
+    """Negative control for the torch_dist sniffer: a metadata.json without `sharded_backend` is not Megatron's."""
+    _torch_dist_save(tmp_path)
+    folder = tmp_path / "iter_0000010"
+    (folder / "metadata.json").write_text(json.dumps({"note": "written by another tool"}))
+    with open_checkpoint(str(folder)) as ckpt:
+        assert ckpt.format == "dcp" and "args" not in ckpt.values

@@ -77,7 +77,7 @@ def test_unknown_content_is_one_line_listing_what_was_tried(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "README").write_text("hi")
     with pytest.raises(
-        CheckpointError, match=r"empty: not a recognised checkpoint folder \(tried: DCP folder.*holds README"
+        CheckpointError, match=r"empty: not a recognised checkpoint folder \(tried: .*DCP folder.*holds README"
     ):
         open_checkpoint(str(tmp_path / "empty"))
 

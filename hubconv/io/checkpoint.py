@@ -173,18 +173,18 @@ def _is_torch_pickle(path: str, head: bytes) -> bool:
 
 
 register_reader(
+    "megatron",
+    lambda path, head: _module("hubconv.io.megatron_folder").is_megatron_folder(path, head),
+    _lazy("hubconv.io.megatron_folder", "open_megatron"),
+    kind="folder",
+    description="Megatron-LM folder (latest_checkpointed_iteration.txt, mp_rank_*/model_optim_rng.pt, torch_dist)",
+)
+register_reader(
     "dcp",
     _is_dcp,
     _lazy("hubconv.io.dcp", "open_dcp"),
     kind="folder",
     description="DCP folder (.metadata, *.distcp)",
-)
-register_reader(
-    "megatron",
-    lambda path, head: _module("hubconv.io.megatron_folder").is_megatron_folder(path, head),
-    _lazy("hubconv.io.megatron_folder", "open_megatron"),
-    kind="folder",
-    description="Megatron-LM folder (latest_checkpointed_iteration.txt, iter_*/mp_rank_*/model_optim_rng.pt)",
 )
 register_reader(
     "safetensors-folder",

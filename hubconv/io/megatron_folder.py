@@ -12,10 +12,16 @@ The grid is checked complete before anything is read: a hole, a rank beyond the 
 folder or mixed naming are one-line errors naming the folder. Expert-parallel suffixes (`mp_rank_TT_PPP_EEE`)
 are refused. The result follows `hubconv.io.ranks` (prefix `mp_rank_TT[_PPP]/` per rank when there are
 several) and carries rank 0's `args`, `checkpoint_version` and `iteration` unprefixed as well.
+
+Megatron-core `torch_dist` iteration folders (`metadata.json` with `"sharded_backend": "torch_dist"`, `common.pt`,
+DCP `.metadata` and `*.distcp`) hold one global checkpoint: its tensors come from the DCP reader, and
+`common.pt` (args, checkpoint_version, iteration, ...) is read like a rank file into `values`, beside
+`values["dist_metadata"]` (the parsed `metadata.json`). Other sharded backends (zarr) are refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -28,6 +34,9 @@ from hubconv.io.torch_file import open_torch_zip
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILES = ("model_optim_rng.pt", "model_rng.pt")
+DIST_METADATA = "metadata.json"  # megatron.core.dist_checkpointing.core.CONFIG_FNAME
+COMMON = "common.pt"  # megatron.core.dist_checkpointing.serialization.COMMON_STATE_FNAME
+MAX_DIST_METADATA = 64 * 1024
 _ITER = re.compile(r"iter_(\d{7,})|release")
 _RANK = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(_\d{3})?")
 
@@ -39,15 +48,63 @@ def _dirs(path: str) -> list[str]:
 def is_megatron_folder(path: str, head: bytes = b"") -> bool:
     """A save folder (tracker file or iteration folders) or an iteration folder (`mp_rank_*` folders)."""
     names = _dirs(path)
-    if os.path.isfile(os.path.join(path, TRACKER)) or any(_RANK.fullmatch(n) for n in names):
+    if os.path.isfile(os.path.join(path, TRACKER)) or any(_RANK.fullmatch(n) for n in names) or _is_dist(path):
         return True
     return any(_ITER.fullmatch(n) and any(_RANK.fullmatch(m) for m in _dirs(os.path.join(path, n))) for n in names)
+
+
+def _is_dist(path: str) -> bool:
+    """A megatron-core dist checkpoint: its `metadata.json` names a `sharded_backend` (other JSON files are not)."""
+    try:
+        with open(os.path.join(path, DIST_METADATA), "rb") as f:
+            return b'"sharded_backend"' in f.read(4096)
+    except OSError:
+        return False
+
+
+def _open_dist(folder: str) -> Checkpoint:
+    """A megatron-core `torch_dist` iteration folder: DCP tensors plus `common.pt` and `metadata.json` values."""
+    from hubconv.io.dcp import open_dcp
+
+    meta_file = confined(folder, DIST_METADATA, f"{folder}: {DIST_METADATA}")
+    with open(meta_file, "rb") as f:
+        raw = f.read(MAX_DIST_METADATA + 1)
+    where = os.path.join(folder, DIST_METADATA)
+    if len(raw) > MAX_DIST_METADATA:
+        raise CheckpointError(f"{where}: larger than {MAX_DIST_METADATA} bytes")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: not JSON ({e})") from None
+    backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
+    if backend != "torch_dist":
+        raise CheckpointError(f"{where}: sharded_backend {backend!r} is not supported (only 'torch_dist')")
+    common_file = confined(folder, COMMON, f"{folder}: {COMMON}")
+    if not os.path.isfile(common_file):
+        raise CheckpointError(f"{os.path.join(folder, COMMON)}: missing; a torch_dist checkpoint needs it")
+    common = open_torch_zip(common_file)
+    try:
+        ckpt = open_dcp(folder)
+    except BaseException:
+        common.close()
+        raise
+    if common.tensors:
+        ckpt.entries.extend(f"{COMMON}:{k}" for k in common.tensors)
+    values = common.values
+    if list(values) == [""] and isinstance(values[""], dict):  # no tensors at all: the walker keeps the whole dict
+        values = values[""]
+    ckpt.values.update(values)
+    ckpt.values["dist_metadata"] = meta
+    ckpt.values["iteration_folder"] = folder
+    ckpt.format = "megatron-torch-dist"
+    ckpt.closers.extend(common.closers)
+    return ckpt
 
 
 def _iteration_folder(path: str) -> str:
     """The iteration folder `path` names: itself, the tracker's choice, or the single `iter_*`/`release` folder."""
     names = _dirs(path)
-    if any(_RANK.fullmatch(n) for n in names):
+    if any(_RANK.fullmatch(n) for n in names) or _is_dist(path):
         return path
     tracker = os.path.join(path, TRACKER)
     if os.path.isfile(tracker):
@@ -113,6 +170,8 @@ def _check_args(folder: str, values: dict[str, Any], tp_size: int, pp_size: int,
 def open_megatron(path: str) -> Checkpoint:
     """The rank files of a Megatron-LM legacy checkpoint as one Checkpoint (see the module docstring)."""
     folder = _iteration_folder(path)
+    if _is_dist(folder):
+        return _open_dist(folder)
     grid = _rank_grid(folder)
     tp_size = max(r.tp for r, _ in grid) + 1
     pp_size = max(r.pp for r, _ in grid) + 1
