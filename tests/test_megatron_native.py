@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from tests.native.megatron_gpt import MegatronGPT, MegatronGPTConfig
+from tests.native.megatron_gpt import MegatronGPT, MegatronGPTConfig, apply_rope, normalize, rope_tables
 from tests.native.megatron_save import DROP, save_legacy, save_nemo_archive, save_nemo_ckpt
 
 GPT2_LIKE = MegatronGPTConfig(vocab_size=100, make_vocab_size_divisible_by=16)  # padded to 112 (TP=1), 128 (TP=2)
@@ -504,3 +504,96 @@ def test_nemo_archive_members_in_place(tmp_path: Path, cfg, tp: int, naming: str
     gz = save_nemo_archive(model, cfg, tmp_path / "gz.nemo", tp=tp, naming=naming, compress=True)
     with pytest.raises(tarfile.ReadError):
         tarfile.open(gz, "r:")  # the compressed variant is not readable in place
+
+
+# ---------------------------------------------------------------- shards run as Megatron runs them
+
+
+def tp_attention(h, w, b, proj_w, cfg: MegatronGPTConfig, tp: int, rope) -> torch.Tensor:
+    """One rank's attention over its own groups: the partial (pre-all-reduce) output of linear_proj."""
+    groups, per_group = cfg.groups // tp, cfg.num_attention_heads // cfg.groups
+    bsz, s, _ = h.shape
+    qkv = torch.nn.functional.linear(h, w, b).view(bsz, s, groups, (per_group + 2) * cfg.head_dim)
+    q, k, v = qkv.split([per_group * cfg.head_dim, cfg.head_dim, cfg.head_dim], dim=-1)
+    q = q.reshape(bsz, s, groups * per_group, cfg.head_dim)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k, v = k.repeat_interleave(per_group, dim=2), v.repeat_interleave(per_group, dim=2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scores = (q @ k.transpose(-2, -1)) / cfg.head_dim**0.5
+    scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+    ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(bsz, s, -1)
+    return ctx @ proj_w.T
+
+
+def tensor_parallel_logits(folder: Path, cfg: MegatronGPTConfig, tokens, positions, version=None) -> torch.Tensor:
+    """Megatron's tensor- and pipeline-parallel forward over the saved rank files, never re-assembling a tensor:
+    vocab-parallel embedding (masked lookup + all-reduce), column-parallel QKV/fc1 on local heads/columns,
+    row-parallel linear_proj/fc2 partial sums + replicated bias, vocab-parallel logits gathered on the last dim."""
+    ranks = load_all(folder)
+    args = ranks[(0, 0)]["args"]
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    sd = {
+        key: flatten_rank(ck["model"], cfg, tp, ck["checkpoint_version"] if version is None else version)
+        for key, ck in ranks.items()
+    }
+    x = torch.zeros(*tokens.shape, cfg.hidden_size)
+    rows = args.padded_vocab_size // tp
+    for r in range(tp):
+        local = tokens - r * rows
+        inside = (local >= 0) & (local < rows)
+        x += sd[(r, 0)]["embedding.word_embeddings.weight"][local.clamp(0, rows - 1)] * inside[..., None]
+    rope = rope_tables(cfg, positions) if cfg.position_embedding_type == "rope" else None
+    if rope is None:
+        x = x + sd[(0, 0)]["embedding.position_embeddings.weight"][positions]
+    for stage in range(pp):
+        for i in range(cfg.num_layers // pp):
+            p = f"decoder.layers.{i}."
+            a, m = p + "self_attention.", p + "mlp."
+            ln = sd[(0, stage)]
+            h = normalize(cfg, x, ln[a + "linear_qkv.layer_norm_weight"], ln.get(a + "linear_qkv.layer_norm_bias"))
+            out = sum(
+                tp_attention(
+                    h,
+                    sd[(r, stage)][a + "linear_qkv.weight"],
+                    sd[(r, stage)].get(a + "linear_qkv.bias"),
+                    sd[(r, stage)][a + "linear_proj.weight"],
+                    cfg,
+                    tp,
+                    rope,
+                )
+                for r in range(tp)
+            )
+            x = x + out + ln.get(a + "linear_proj.bias", 0)
+            h = normalize(cfg, x, ln[m + "linear_fc1.layer_norm_weight"], ln.get(m + "linear_fc1.layer_norm_bias"))
+            out = 0
+            for r in range(tp):
+                rank = sd[(r, stage)]
+                f = torch.nn.functional.linear(h, rank[m + "linear_fc1.weight"], rank.get(m + "linear_fc1.bias"))
+                if cfg.activation == "swiglu":
+                    gate, up = f.chunk(2, dim=-1)
+                    f = torch.nn.functional.silu(gate) * up
+                else:
+                    f = torch.nn.functional.gelu(f, approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
+                out = out + f @ rank[m + "linear_fc2.weight"].T
+            x = x + out + ln.get(m + "linear_fc2.bias", 0)
+    last = sd[(0, pp - 1)]
+    x = normalize(cfg, x, last["decoder.final_layernorm.weight"], last.get("decoder.final_layernorm.bias"))
+    head = "output_layer.weight" if "output_layer.weight" in last else "embedding.word_embeddings.weight"
+    return torch.cat([x @ sd[(r, pp - 1)][head].T for r in range(tp)], dim=-1)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "tp", "pp", "naming", "version"),
+    [(GPT2_LIKE, 2, 2, "core", 3.0), (LLAMA_LIKE, 2, 2, "core", 3.0), (GPT2_LIKE, 2, 1, "legacy", 0)],
+)
+def test_shards_compute_the_reference_logits_without_reassembly(tmp_path: Path, cfg, tp, pp, naming, version) -> None:
+    model = MegatronGPT(cfg, tp=tp).init_random(seed=12).eval()
+    save_legacy(model, cfg, tmp_path, tp=tp, pp=pp, checkpoint_version=version, naming=naming, with_optimizer=False)
+    tokens, positions = tokens_positions(cfg)
+    with torch.no_grad():
+        want = model.forward_padded(tokens, positions)
+    got = tensor_parallel_logits(tmp_path, cfg, tokens, positions)
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-4
+    if version == 0:  # negative control: checkpoint_version 0 read as 3.0 computes something else
+        assert (tensor_parallel_logits(tmp_path, cfg, tokens, positions, version=3.0) - want).abs().max() > 1e-2
