@@ -16,7 +16,13 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tests.native.megatron_gpt import MegatronGPT, MegatronGPTConfig, apply_rope, normalize, rope_tables
-from tests.native.megatron_save import DROP, save_legacy, save_nemo_archive, save_nemo_ckpt
+from tests.native.megatron_save import (
+    DROP,
+    save_legacy,
+    save_nemo_archive,
+    save_nemo_ckpt,
+    train_gpt_sw3_style_tokenizer,
+)
 
 GPT2_LIKE = MegatronGPTConfig(vocab_size=100, make_vocab_size_divisible_by=16)  # padded to 112 (TP=1), 128 (TP=2)
 LLAMA_LIKE = MegatronGPTConfig(
@@ -597,3 +603,28 @@ def test_shards_compute_the_reference_logits_without_reassembly(tmp_path: Path, 
     assert got.shape == want.shape and (got - want).abs().max() <= 1e-4
     if version == 0:  # negative control: checkpoint_version 0 read as 3.0 computes something else
         assert (tensor_parallel_logits(tmp_path, cfg, tokens, positions, version=3.0) - want).abs().max() > 1e-2
+
+
+def test_gpt_sw3_layout_nemo_with_its_sentencepiece_and_padded_vocab(tmp_path: Path) -> None:
+    """GPT-SW3: NeMo legacy `language_model` names, learned positions, LayerNorm, GELU, tied head, TP=2, a
+    SentencePiece tokenizer inside the archive whose size is the true vocabulary (< the padded rows)."""
+    import tarfile
+
+    import sentencepiece
+
+    spm_file, vocab = train_gpt_sw3_style_tokenizer(tmp_path / "spm")
+    cfg = MegatronGPTConfig(vocab_size=vocab, make_vocab_size_divisible_by=128)
+    model = MegatronGPT(cfg, tp=2).init_random(seed=13)
+    assert model.padded_vocab > vocab and model.padded_vocab % 256 == 0
+    path = save_nemo_archive(model, cfg, tmp_path / "gpt-sw3.nemo", tp=2, naming="legacy", tokenizer_model=spm_file)
+    with tarfile.open(path) as tar:
+        name = next(n for n in tar.getnames() if n.endswith("_tokenizer.model"))
+        sp = sentencepiece.SentencePieceProcessor(model_proto=tar.extractfile(name).read())
+        state = torch.load(io.BytesIO(tar.extractfile("./mp_rank_01/model_weights.ckpt").read()), weights_only=False)
+    assert sp.get_piece_size() == vocab and sp.id_to_piece(3) == "<|endoftext|>" and sp.pad_id() == 0
+    emb = state["model.language_model.embedding.word_embeddings.weight"]
+    assert emb.shape == (model.padded_vocab // 2, cfg.hidden_size)
+    assert torch.equal(emb, model.embedding.word_embeddings.weight.detach()[model.padded_vocab // 2 :])
+    tokens = torch.tensor([sp.encode("hej och det är the end")])
+    with torch.no_grad():
+        assert model(tokens).shape == (1, tokens.shape[1], vocab)

@@ -481,3 +481,33 @@ def save_nemo_archive(
         with tarfile.open(path, "w:gz" if compress else "w:") as tar:
             tar.add(root, arcname=".")
     return path
+
+
+def train_gpt_sw3_style_tokenizer(folder: str | Path, vocab_size: int = 400) -> tuple[Path, int]:
+    """A tiny SentencePiece model with GPT-SW3-like special pieces (`<pad>`, `<unk>`, `<s>`, `<|endoftext|>`,
+    byte fallback); returns (model file, its piece count), the true vocabulary to give `MegatronGPTConfig`."""
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = "hej och att det som en på är av för med till den har de inte om ett han men the of and to in is".split()
+    rng = random.Random(0)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(2000)), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        byte_fallback=True,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        eos_piece="<|endoftext|>",
+        num_threads=1,
+        minloglevel=2,
+    )
+    model = folder / "tokenizer.model"
+    return model, spm.SentencePieceProcessor(model_file=str(model)).get_piece_size()
