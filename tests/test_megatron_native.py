@@ -15,7 +15,15 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from tests.native.megatron_gpt import MegatronGPT, MegatronGPTConfig, apply_rope, normalize, rope_tables
+from tests.native.megatron_gpt import (
+    MegatronGPT,
+    MegatronGPTConfig,
+    apply_rope,
+    gpt2_like,
+    llama_like,
+    normalize,
+    rope_tables,
+)
 from tests.native.megatron_save import (
     DROP,
     save_legacy,
@@ -24,20 +32,8 @@ from tests.native.megatron_save import (
     train_gpt_sw3_style_tokenizer,
 )
 
-GPT2_LIKE = MegatronGPTConfig(vocab_size=100, make_vocab_size_divisible_by=16)  # padded to 112 (TP=1), 128 (TP=2)
-LLAMA_LIKE = MegatronGPTConfig(
-    num_query_groups=2,
-    vocab_size=100,
-    make_vocab_size_divisible_by=16,
-    ffn_hidden_size=96,
-    position_embedding_type="rope",
-    rotary_base=500000,
-    normalization="RMSNorm",
-    layernorm_epsilon=1e-6,
-    activation="swiglu",
-    add_bias_linear=False,
-    untie_embeddings_and_output_weights=True,
-)
+GPT2_LIKE = gpt2_like()  # padded to 112 rows (TP=1), 128 (TP=2)
+LLAMA_LIKE = llama_like()
 SEQ = 64
 
 
@@ -109,7 +105,7 @@ def gpt2_logits(model: MegatronGPT, activation: str, per_head_qkv: bool = True) 
 
 @pytest.mark.parametrize(("activation", "hf_activation"), [("gelu", "gelu"), ("gelu_tanh", "gelu_pytorch_tanh")])
 def test_reference_forward_equals_gpt2(activation: str, hf_activation: str) -> None:
-    cfg = MegatronGPTConfig(**{**GPT2_LIKE.__dict__, "activation": activation})
+    cfg = gpt2_like(activation=activation)
     model = MegatronGPT(cfg).init_random(seed=1).eval()
     tokens, positions = tokens_positions(cfg)
     with torch.no_grad():

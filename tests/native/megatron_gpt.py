@@ -260,3 +260,28 @@ class MegatronGPT(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the true vocabulary (what a converted model with the trimmed vocabulary returns)."""
         return self.forward_padded(tokens, positions)[..., : self.cfg.vocab_size]
+
+
+def gpt2_like(**changes: object) -> MegatronGPTConfig:
+    """GPT-2-shaped Megatron config (learned positions, LayerNorm, exact GELU, biases, tied head); 100-token
+    vocabulary padded to 112 rows at TP=1, 128 at TP=2."""
+    return MegatronGPTConfig(**{"vocab_size": 100, "make_vocab_size_divisible_by": 16, **changes})
+
+
+def llama_like(**changes: object) -> MegatronGPTConfig:
+    """Llama-shaped Megatron config: RoPE (base 500000), RMSNorm, SwiGLU, GQA (4 heads, 2 groups), no biases,
+    untied output layer."""
+    base: dict[str, object] = {
+        "num_query_groups": 2,
+        "vocab_size": 100,
+        "make_vocab_size_divisible_by": 16,
+        "ffn_hidden_size": 96,
+        "position_embedding_type": "rope",
+        "rotary_base": 500000,
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": 1e-6,
+        "activation": "swiglu",
+        "add_bias_linear": False,
+        "untie_embeddings_and_output_weights": True,
+    }
+    return MegatronGPTConfig(**{**base, **changes})
