@@ -29,6 +29,7 @@ from tests.native.megatron_save import (
     save_legacy,
     save_nemo_archive,
     save_nemo_ckpt,
+    save_torch_dist,
     train_gpt_sw3_style_tokenizer,
 )
 
@@ -624,3 +625,54 @@ def test_gpt_sw3_layout_nemo_with_its_sentencepiece_and_padded_vocab(tmp_path: P
     tokens = torch.tensor([sp.encode("hej och det är the end")])
     with torch.no_grad():
         assert model(tokens).shape == (1, tokens.shape[1], vocab)
+
+
+# ---------------------------------------------------------------- megatron-core torch_dist
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize(
+    ("cfg", "tp", "pp", "split"),
+    [(GPT2_LIKE, 2, 2, False), (LLAMA_LIKE, 2, 1, False), (LLAMA_LIKE, 2, 2, True), (GPT2_LIKE, 1, 1, False)],
+)
+def test_torch_dist_reads_back_through_dcp(tmp_path: Path, cfg, tp: int, pp: int, split: bool) -> None:
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    model = MegatronGPT(cfg, tp=tp).init_random(seed=14)
+    target = save_torch_dist(model, cfg, tmp_path, tp=tp, pp=pp, swiglu_split_keys=split)
+    assert target == tmp_path / "iter_0000100" and (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "100"
+    assert json.loads((target / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    common = torch.load(target / "common.pt", weights_only=False)
+    assert common["args"].ckpt_format == "torch_dist" and common["args"].tensor_model_parallel_size == tp
+    assert "model" not in common and len(list(target.glob("*.distcp"))) >= 1
+    meta = dcp.FileSystemReader(target).read_metadata().state_dict_metadata
+    qkv = meta["decoder.layers.self_attention.linear_qkv.weight"]
+    assert tuple(qkv.size) == (cfg.num_layers, *model.decoder.layers[0].self_attention.linear_qkv.weight.shape)
+    assert len(qkv.chunks) == cfg.num_layers * tp
+    proj = meta["decoder.layers.self_attention.linear_proj.weight"]
+    assert sorted(tuple(c.offsets) for c in proj.chunks) == sorted(
+        (i, 0, r * cfg.hidden_size // tp) for i in range(cfg.num_layers) for r in range(tp)
+    )  # row-parallel: chunked on the unstacked dim 1
+    assert any(k.startswith("decoder.layers.mlp.linear_fc2._extra_state/shard_") for k in meta)
+    if cfg.activation == "swiglu" and not split:  # fc1 chunks: gate_r at r·f/tp, up_r at f + r·f/tp
+        rows = {c.offsets[1] for c in meta["decoder.layers.mlp.linear_fc1.weight"].chunks}
+        assert rows == {o + r * cfg.ffn // tp for o in (0, cfg.ffn) for r in range(tp)}
+    # read every tensor whole (DCP stitches the chunks), unstack the layers: the global state dict, bit-exact
+    tensors = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in meta.items() if hasattr(v, "size")}
+    dcp.load(tensors, storage_reader=dcp.FileSystemReader(target), no_dist=True)
+    if split:
+        w, v = (
+            tensors.pop("decoder.layers.mlp.linear_fc1.weight_w"),
+            tensors.pop("decoder.layers.mlp.linear_fc1.weight_v"),
+        )
+        tensors["decoder.layers.mlp.linear_fc1.weight"] = torch.cat([w, v], dim=1)
+    got = {}
+    for key, t in tensors.items():
+        if key.startswith("decoder.layers."):
+            for i in range(cfg.num_layers):
+                got[f"decoder.layers.{i}.{key.removeprefix('decoder.layers.')}"] = t[i]
+        else:
+            got[key] = t
+    assert_same(got, dict(model.state_dict()))

@@ -31,9 +31,11 @@ legacy layer names; `checkpoint_version` then sets the per-rank fused-QKV order:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -511,3 +513,158 @@ def train_gpt_sw3_style_tokenizer(folder: str | Path, vocab_size: int = 400) -> 
     )
     model = folder / "tokenizer.model"
     return model, spm.SentencePieceProcessor(model_file=str(model)).get_piece_size()
+
+
+# ---------------------------------------------------------------- megatron-core torch_dist (DCP)
+
+ROW_PARALLEL = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+COLUMN_PARALLEL = (
+    "self_attention.linear_qkv.weight",
+    "self_attention.linear_qkv.bias",
+    "mlp.linear_fc1.weight",
+    "mlp.linear_fc1.bias",
+)
+
+
+def dist_chunks(
+    sub: str, t: torch.Tensor, cfg: MegatronGPTConfig, tp: int
+) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """A layer tensor's TP chunks with their offsets in the unstacked global tensor, as megatron-core's
+    sharded_state_dict lays them out (SwiGLU fc1: gate_r at row r*f/tp, up_r at f + r*f/tp)."""
+    zeros = (0,) * (t.dim() - 1)
+    if sub in ROW_PARALLEL:
+        cols = t.shape[1] // tp
+        return [(t[:, r * cols : (r + 1) * cols].clone(), (0, r * cols)) for r in range(tp)]
+    if sub in COLUMN_PARALLEL:
+        if sub.startswith("mlp.linear_fc1.") and cfg.activation == "swiglu":
+            half, rows = t.shape[0] // 2, t.shape[0] // 2 // tp
+            return [
+                (t[o + r * rows : o + (r + 1) * rows].clone(), (o + r * rows, *zeros))
+                for o in (0, half)
+                for r in range(tp)
+            ]
+        rows = t.shape[0] // tp
+        return [(t[r * rows : (r + 1) * rows].clone(), (r * rows, *zeros)) for r in range(tp)]
+    return [(t.clone(), (0, *zeros))]  # replicated: saved once (replica 0)
+
+
+@contextlib.contextmanager
+def world_of_one() -> Iterator[None]:
+    """A one-process gloo group (ShardedTensor and DCP need one), unless one already exists."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", world_size=1, rank=0)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def save_torch_dist(
+    model: MegatronGPT,
+    cfg: MegatronGPTConfig,
+    folder: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    extra_state: bool = True,
+    swiglu_split_keys: bool = False,
+) -> Path:
+    """Save `model` as a megatron-core `torch_dist` checkpoint: `iter_0000100/{metadata.json, common.pt,
+    .metadata, __0_T.distcp}` through torch.distributed.checkpoint. Decoder layers are stacked on a leading
+    layer axis (`decoder.layers.self_attention.linear_qkv.weight` is [L, ...]), one chunk per (layer, TP rank);
+    row-parallel weights are chunked on the unstacked dim 1; replicated tensors are one chunk; a tied output
+    layer is not stored. TE `_extra_state` are DCP byte objects under `<key>/shard_<offsets>_<shape>`.
+    `swiglu_split_keys` stores SwiGLU fc1 as newer megatron-core's `singleton_local_shards` does: gate under
+    `<key>_w` and up under `<key>_v`, each [L, ffn, h]; otherwise one [L, 2·ffn, h] tensor, gate chunks then up.
+    Written by one process holding every rank's shards (a world of one), spread over `tp × pp` files."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    if model.padded_vocab != cfg.padded_vocab_size(tp):
+        raise ValueError(f"model padded for TP={model.tp}, saving with TP={tp}")
+    folder = Path(folder)
+    target = folder / f"iter_{ITERATION:07d}"
+    target.mkdir(parents=True, exist_ok=True)
+    (folder / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
+
+    with world_of_one():
+        dcp.save(
+            dist_state(model, cfg, tp, extra_state, swiglu_split_keys),
+            storage_writer=dcp.FileSystemWriter(target, thread_count=tp * pp),
+        )
+    args = megatron_args(cfg, tp, pp, ckpt_format="torch_dist")
+    common = {
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": ITERATION,
+        "opt_param_scheduler": {"max_lr": 3e-4, "min_lr": 3e-5, "num_steps": 800, "warmup_steps": 10},
+        "num_floating_point_operations_so_far": 1.0e12,
+    }
+    torch.save(common, target / "common.pt")
+    metadata = {
+        "sharded_backend": "torch_dist",
+        "sharded_backend_version": 1,
+        "common_backend": "torch",
+        "common_backend_version": 1,
+    }
+    (target / "metadata.json").write_text(json.dumps(metadata))
+    return target
+
+
+def sharded(chunks: list[tuple[torch.Tensor, tuple[int, ...]]], shape: tuple[int, ...]) -> object:
+    """A torch ShardedTensor of the global `shape` whose local shards (all on this rank) are `(chunk, offsets)`."""
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+    shards = [Shard(c.contiguous(), ShardMetadata(list(o), list(c.shape), "rank:0/cpu")) for c, o in chunks]
+    props = TensorProperties.create_from_tensor(chunks[0][0])
+    meta = ShardedTensorMetadata([s.metadata for s in shards], torch.Size(shape), props)
+    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, meta)
+
+
+def dist_state(
+    model: MegatronGPT, cfg: MegatronGPTConfig, tp: int, extra_state: bool, swiglu_split_keys: bool = False
+) -> dict[str, object]:
+    """The DCP state dict: stacked layer ShardedTensors, vocab-chunked embeddings, replicated tensors, extra states."""
+    state = model.state_dict()
+    layers: dict[str, list[tuple[torch.Tensor, tuple[int, ...]]]] = {}
+    layer_shapes: dict[str, tuple[int, ...]] = {}
+    to_save: dict[str, object] = {}
+    for name, t in state.items():
+        m = LAYER.fullmatch(name)
+        if m:
+            i, sub = int(m.group(1)), m.group(2)
+            layer_shapes[sub] = (cfg.num_layers, *t.shape)
+            for c, o in dist_chunks(sub, t, cfg, tp):
+                layers.setdefault(sub, []).append((c.unsqueeze(0), (i, *o)))
+        elif name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            rows = t.shape[0] // tp
+            to_save[name] = sharded([(t[r * rows : (r + 1) * rows].clone(), (r * rows, 0)) for r in range(tp)], t.shape)
+        else:
+            to_save[name] = sharded([(t.clone(), (0,) * t.dim())], t.shape)
+    for sub, chunks in layers.items():
+        shape = layer_shapes[sub]
+        if swiglu_split_keys and cfg.activation == "swiglu" and sub.startswith("mlp.linear_fc1.") and "norm" not in sub:
+            half = shape[1] // 2
+            gate = [(c, o) for c, o in chunks if o[1] < half]
+            up = [(c, (o[0], o[1] - half, *o[2:])) for c, o in chunks if o[1] >= half]
+            to_save[f"decoder.layers.{sub}_w"] = sharded(gate, (shape[0], half, *shape[2:]))
+            to_save[f"decoder.layers.{sub}_v"] = sharded(up, (shape[0], half, *shape[2:]))
+            continue
+        to_save[f"decoder.layers.{sub}"] = sharded(chunks, shape)
+    if extra_state:
+        for module in TE_MODULES:
+            for i in range(cfg.num_layers):
+                for r in range(tp):
+                    buf = io.BytesIO()
+                    torch.save(torch.empty(0, dtype=torch.uint8), buf)
+                    buf.seek(0)
+                    to_save[f"decoder.layers.{module}._extra_state/shard_{i}.{r}_{cfg.num_layers}.{tp}"] = buf
+    return to_save
