@@ -612,3 +612,17 @@ def test_merges_read_bounded_blocks() -> None:
     CountingTensor.largest = 0
     blocks = list(V.blocks(q))
     assert len(blocks) == 4 and CountingTensor.largest <= 1024
+
+
+@pytest.mark.parametrize("naming,tp,pp,heads,groups,version,gated", CASES)
+def test_shard_model_inverts_merge_model(naming, tp, pp, heads, groups, version, gated) -> None:
+    g = make_global(heads, groups, gated, np.random.default_rng(23))
+    arrays = shard_model(g, naming, heads, groups, tp, pp, version, gated)
+    lay = layout(naming, heads, groups, version, gated)
+    merged = M.merge_model(_mem(arrays), lay, tp, pp)
+    back = M.shard_model(merged.tensors, lay, tp, pp)
+    assert sorted(back) == sorted(arrays)
+    for rank, d in arrays.items():  # Megatron's own per-rank layout, written independently above
+        assert sorted(back[rank]) == sorted(d), rank
+        for key, want in d.items():
+            assert np.array_equal(V.materialize(back[rank][key]), want), (rank, key)

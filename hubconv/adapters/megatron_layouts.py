@@ -442,3 +442,70 @@ def merge_model(
                 seen_in[k] = (p, v)
         offset += count
     return out
+
+
+_PARTS = {part: (fused, i) for fused, parts in SPLIT_NAMES.items() for i, part in enumerate(parts)}
+
+
+def _fused_key(key: str) -> tuple[str, int] | None:
+    """(`...linear_qkv.weight`, 1) for `...linear_k.weight`; None for keys that were not split."""
+    module, _, param = key.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    if leaf not in _PARTS:
+        return None
+    fused, i = _PARTS[leaf]
+    return (f"{parent}.{fused}.{param}" if parent else f"{fused}.{param}"), i
+
+
+def shard_model(
+    tensors: Mapping[str, LazyTensor],
+    layout: Layout,
+    tp_size: int,
+    pp_size: int,
+    *,
+    stage_layers: Sequence[int] | None = None,
+) -> dict[tuple[int, int], dict[str, LazyTensor]]:
+    """Inverse of `merge_model` (no virtual stages): global tensors -> `{(tp, pp): {key: shard}}`.
+
+    Split q/k/v and gate/up keys are fused again per rank; layers go to stages by `stage_layers`
+    (default: an even split), embeddings to the first stage, everything else outside the layer
+    stack (final norm, output layer) to the last.
+    """
+    groups: dict[str, dict[int, LazyTensor]] = {}
+    for key, t in tensors.items():
+        fk = _fused_key(key)
+        if fk is not None:
+            groups.setdefault(fk[0], {})[fk[1]] = t
+    n_layers = len({i for k in tensors if (i := layer_index(k)) is not None})
+    counts = list(stage_layers or megatron_stage_layer_counts(n_layers, pp_size))
+    starts = np.cumsum([0, *counts])
+    out: dict[tuple[int, int], dict[str, LazyTensor]] = {(t, p): {} for t in range(tp_size) for p in range(pp_size)}
+    done: set[str] = set()
+    for key, t in tensors.items():
+        fk = _fused_key(key)
+        name = fk[0] if fk else key
+        if name in done:
+            continue
+        done.add(name)
+        kind = layout.kind(name)
+        if fk is not None:
+            parts = groups[name]
+            if kind is Kind.QKV and sorted(parts) == [0, 1, 2]:
+                ranks = shard_qkv(parts[0], parts[1], parts[2], layout.attention, tp_size, name)
+            elif kind is Kind.FC1 and sorted(parts) == [0, 1]:
+                ranks = shard_fc1(parts[0], parts[1], tp_size, name)
+            else:
+                raise MappingError(f"{name}: split parts {sorted(parts)} do not make a {kind.value} tensor")
+        else:
+            ranks = shard_tp(t, kind, tp_size)
+        i = layer_index(name)
+        if i is not None:
+            p = int(np.searchsorted(starts, i, side="right")) - 1
+            if not 0 <= p < pp_size:
+                raise MappingError(f"{name}: layer {i} is beyond the {int(starts[-1])} layers of {counts}")
+            local = renumber_layer(name, -int(starts[p]))
+        else:
+            p, local = (0 if re.search(r"(?:^|\.)embedding\.", name) else pp_size - 1), name
+        for r, shard in enumerate(ranks):
+            out[(r, p)][local] = shard
+    return out
