@@ -626,3 +626,15 @@ def test_shard_model_inverts_merge_model(naming, tp, pp, heads, groups, version,
         assert sorted(back[rank]) == sorted(d), rank
         for key, want in d.items():
             assert np.array_equal(V.materialize(back[rank][key]), want), (rank, key)
+
+
+def test_impossible_attention_shapes_are_one_line_errors() -> None:
+    for att, tp in ((M.Attention(8, 0, 4), 1), (M.Attention(8, 3, 4), 1), (M.Attention(6, 6, 4), 4)):
+        with pytest.raises(ModelArgsError, match=r"^qkv: "):
+            att.per_rank(tp, "qkv")
+    with pytest.raises(ModelArgsError, match="not a known Megatron QKV ordering"):
+        M.merge_qkv(
+            [ArrayTensor("qkv", F32, np.zeros((12, 2), np.float32))], M.Attention(1, 1, 4, 1.5), ["q", "k", "v"]
+        )
+    with pytest.raises(MappingError, match="qkv0: tensor-parallel rank 0 has shape \\[10, 2\\], expected 12 rows"):
+        M.merge_qkv([ArrayTensor("qkv0", F32, np.zeros((10, 2), np.float32))], M.Attention(1, 1, 4), ["q", "k", "v"])

@@ -119,6 +119,11 @@ class Attention:
 
     def per_rank(self, tp: int, name: str) -> tuple[int, int]:
         """(heads, query groups) on each of `tp` ranks; groups is 0 when ranks split groups."""
+        if min(self.num_heads, self.num_query_groups, self.head_dim, tp) <= 0:
+            raise ModelArgsError(
+                f"{name}: {self.num_heads} heads, {self.num_query_groups} query groups, head size {self.head_dim}, "
+                f"{tp} ranks"
+            )
         if self.num_heads % tp or self.num_heads % self.num_query_groups:
             raise ModelArgsError(
                 f"{name}: {self.num_heads} heads, {self.num_query_groups} query groups cannot be split over {tp} ranks"
@@ -156,7 +161,7 @@ def split_qkv(fused: LazyTensor, att: Attention, heads: int, groups: int, names:
     return V.split_groups(fused, sizes, n, names)
 
 
-def fuse_qkv(q: LazyTensor, k: LazyTensor, v: LazyTensor, att: Attention, heads: int, groups: int, name: str):
+def fuse_qkv(q: LazyTensor, k: LazyTensor, v: LazyTensor, att: Attention, heads: int, groups: int, name: str) -> V.Rows:
     """Inverse of `split_qkv`."""
     sizes, n = _qkv_parts(att, heads, groups)
     return V.interleave_groups([q, k, v], sizes, n, name)
