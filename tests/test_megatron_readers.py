@@ -159,6 +159,10 @@ def test_nemo_corrupt_inputs(tmp_path) -> None:
         ),
         "escape": ({"model_config.yaml": CONFIG, "../model_weights.ckpt": s0}, "leaves the archive"),
         "bad_yaml": ({"model_config.yaml": b"a: [1\n", "model_weights.ckpt": s0}, "model_config.yaml"),
+        "dist_weights": (
+            {"model_config.yaml": CONFIG, "model_weights/metadata.json": b"{}", "model_weights/common.pt": s0},
+            "distributed (torch_dist) checkpoint in model_weights/",
+        ),
         "not_torch": ({"model_config.yaml": CONFIG, "model_weights.ckpt": b"PK\x03\x04junk"}, "model_weights.ckpt"),
     }
     for name, (members, needle) in cases.items():
@@ -373,6 +377,10 @@ def test_megatron_folder_corrupt_inputs(tmp_path) -> None:
     rank_file = tmp_path / "trunc" / "iter_0000500" / "mp_rank_01" / "model_optim_rng.pt"
     rank_file.write_bytes(rank_file.read_bytes()[:-200])
     fails(tmp_path / "trunc", str(rank_file))
+    _megatron_save(tmp_path / "legacy", 1, 1)
+    legacy = tmp_path / "legacy" / "iter_0000500" / "mp_rank_00" / "model_optim_rng.pt"
+    torch.save(_megatron_rank(0, 0, 1, 1), legacy, _use_new_zipfile_serialization=False)
+    fails(tmp_path / "legacy", f"{legacy}: a legacy (pre-zip) torch pickle")
     _megatron_save(tmp_path / "tracker", 1, 1, tracker="700")
     fails(tmp_path / "tracker", "names iteration 700")
     _megatron_save(tmp_path / "escape", 1, 1, tracker="release", sub="release")

@@ -178,6 +178,11 @@ def open_megatron(path: str) -> Checkpoint:
     opened: list[tuple[ranks.Rank, Checkpoint]] = []
     try:
         for rank, rank_file in sorted(grid, key=lambda x: (x[0].pp, x[0].tp)):
+            with open(rank_file, "rb") as f:
+                if f.read(2) == b"\x80\x02":
+                    raise CheckpointError(
+                        f"{rank_file}: a legacy (pre-zip) torch pickle; re-save it with torch >= 1.6 to read it safely"
+                    )
             ckpt = open_torch_zip(rank_file)
             opened.append((rank, ckpt))
             _check_args(folder, ckpt.values, tp_size, pp_size, rank_file)

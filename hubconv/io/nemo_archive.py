@@ -47,6 +47,11 @@ def _weights(path: str, members: dict[str, Member]) -> list[tuple[ranks.Rank, Me
                     f"{path}: unexpected weights member {name!r} (not mp_rank_XX/ or tp_rank_XX_pp_rank_YYY/)"
                 )
             found.append((rank, member))
+    if not found and any(n.startswith("model_weights/") for n in members):
+        raise CheckpointError(
+            f"{path}: .nemo archive holds a distributed (torch_dist) checkpoint in model_weights/; extract the "
+            "archive (tar -xf) and pass its model_weights folder"
+        )
     if not found:
         raise CheckpointError(f"{path}: .nemo archive has no {WEIGHTS} member (nor mp_rank_XX/{WEIGHTS})")
     styles = {r.folder[:3] for r, _ in found}
