@@ -297,7 +297,12 @@ def _megatron_rank(tp: int, pp: int, tp_size: int, pp_size: int, version: float 
         make_vocab_size_divisible_by=128,
         tokenizer_type="GPT2BPETokenizer",
     )
-    lm = {"encoder": {"layers.0.self_attention.query_key_value.weight": torch.randn(24 // tp_size, 8, generator=g)}}
+    lm = {
+        "encoder": {
+            "layers.0.self_attention.query_key_value.weight": torch.randn(24 // tp_size, 8, generator=g),
+            "layers.0.self_attention.core_attention._extra_state": io.BytesIO(b"\x80\x04N."),  # TE's pickled None
+        }
+    }
     if pp == 0:
         lm["embedding"] = {"word_embeddings": {"weight": torch.randn(16 // tp_size, 8, generator=g)}}
     return {
@@ -342,6 +347,8 @@ def test_megatron_folder_ranks(tmp_path, tp_size: int, pp_size: int) -> None:
                 got, states[folder]["model"]["language_model"]["encoder"][qkv.split("encoder.")[1]].numpy()
             )
             assert "np_rng_state" in str(ckpt.values[r["prefix"] + "rng_state"])
+            extra = r["prefix"] + "model.language_model.encoder.layers.0.self_attention.core_attention._extra_state"
+            assert extra in ckpt.entries and ckpt.values[extra] == "<opaque BytesIO>"
         if tp_size * pp_size == 1:
             assert qkv in ckpt.tensors  # one rank: names unprefixed
 

@@ -168,6 +168,13 @@ class Opaque(_Record):
         return f"<opaque {self.__class__.__name__}>"
 
 
+class OpaqueBytes(Opaque):
+    """An `io.BytesIO` (Transformer Engine's `_extra_state` in Megatron checkpoints): kept, never interpreted."""
+
+    def __repr__(self) -> str:
+        return "<opaque BytesIO>"
+
+
 def _parameter(data: Any, *rest: Any) -> Any:
     """`torch._utils._rebuild_parameter(data, requires_grad, backward_hooks)`: the tensor itself."""
     return data
@@ -253,6 +260,7 @@ TORCH_FILE: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "scalar"): Opaque,
     ("numpy", "ndarray"): Opaque,
     ("numpy", "dtype"): Opaque,
+    ("_io", "BytesIO"): OpaqueBytes,
     **OMEGACONF,
 }
 
