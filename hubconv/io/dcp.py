@@ -10,7 +10,6 @@ We locate the raw storage bytes of every chunk inside its zip, so tensors can be
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import struct
@@ -29,6 +28,7 @@ from hubconv.io.checkpoint import Checkpoint
 from hubconv.io.files import FilePool
 from hubconv.io.paths import confined
 from hubconv.io.tensor import Segment, numel
+from hubconv.io.window import Window
 
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -40,36 +40,6 @@ class _Chunk:
     path: str  # absolute .distcp path
     item_offset: int
     item_length: int
-
-
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of `length` bytes at `offset` of a file (for zipfile)."""
-
-    def __init__(self, pool: FilePool, path: str, offset: int, length: int):
-        self.pool, self.path, self.base, self.length, self.pos = pool, path, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        new = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
-        if new < 0:  # never read in front of the record
-            raise OSError(f"negative seek position {new} in a tensor record")
-        self.pos = new
-        return self.pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self.length - self.pos))
-        data = os.pread(self.pool.fd(self.path), n, self.base + self.pos)
-        b[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
 
 
 class DcpTensor:
@@ -93,7 +63,7 @@ class DcpTensor:
             if c.item_length != want:  # safetensors serialization: raw bytes
                 raise CheckpointError(f"{where}: unrecognised tensor record ({c.item_length} bytes, expected {want})")
             return c.item_offset
-        zf = zipfile.ZipFile(_Window(self._pool, c.path, c.item_offset, c.item_length))
+        zf = zipfile.ZipFile(Window(self._pool, c.path, c.item_offset, c.item_length))
         infos = torch_zip.check_members(zf, where, max_members=torch_zip.MAX_RECORD_MEMBERS)
         pkl = next((i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"), None)
         if pkl is None:
