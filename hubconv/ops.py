@@ -19,7 +19,7 @@ import numpy as np
 from hubconv import views as V
 from hubconv.dtypes import BY_NAME, DType, from_float32, parse_user_dtype, to_float32
 from hubconv.errors import MappingError
-from hubconv.io.tensor import LazyTensor
+from hubconv.io.tensor import LazyTensor, rows
 
 Shapes = Sequence[tuple[int, ...]]
 Forward = Callable[[Sequence[LazyTensor], Sequence[str], Mapping[str, Any]], list[LazyTensor]]
@@ -94,10 +94,6 @@ def _ints(params: Mapping[str, Any], key: str, op: str) -> list[int]:
     return list(v)
 
 
-def _rows(shape: tuple[int, ...]) -> int:
-    return shape[0] if shape else 1
-
-
 # ------------------------------------------------------------------------------------- ops
 
 
@@ -140,7 +136,7 @@ register(
     Op(
         "concat_rows",
         _concat_rows,
-        lambda p, s, d: ("split_rows", {"sizes": [_rows(x) for x in s]}),
+        lambda p, s, d: ("split_rows", {"sizes": [rows(x) for x in s]}),
         n_in=None,
         doc="inputs stacked on dim 0 in role order ([q; k; v], column-parallel shards)",
     )
@@ -153,9 +149,9 @@ def _split_rows(inputs, names, params):
         sizes = _ints(params, "sizes", "split_rows")
     else:
         parts = len(names)
-        if _rows(src.shape) % parts:
-            raise MappingError(f"op split_rows: {src.name!r} has {_rows(src.shape)} rows, not divisible by {parts}")
-        sizes = [_rows(src.shape) // parts] * parts
+        if rows(src.shape) % parts:
+            raise MappingError(f"op split_rows: {src.name!r} has {rows(src.shape)} rows, not divisible by {parts}")
+        sizes = [rows(src.shape) // parts] * parts
     return list(V.split_rows(src, sizes, names))
 
 
@@ -179,9 +175,9 @@ def _interleave_groups(inputs, names, params):
     g = _groups(params, "interleave_groups")
     per = []
     for t in inputs:
-        if _rows(t.shape) % g:
-            raise MappingError(f"op interleave_groups: {t.name!r} has {_rows(t.shape)} rows, not {g} equal groups")
-        per.append(_rows(t.shape) // g)
+        if rows(t.shape) % g:
+            raise MappingError(f"op interleave_groups: {t.name!r} has {rows(t.shape)} rows, not {g} equal groups")
+        per.append(rows(t.shape) // g)
     return [V.interleave_groups(inputs, per, g, names[0])]
 
 
@@ -189,7 +185,7 @@ register(
     Op(
         "interleave_groups",
         _interleave_groups,
-        lambda p, s, d: ("split_groups", {"groups": p["groups"], "rows": [_rows(x) // p["groups"] for x in s]}),
+        lambda p, s, d: ("split_groups", {"groups": p["groups"], "rows": [rows(x) // p["groups"] for x in s]}),
         n_in=None,
         params=("groups",),
         doc="per-group fusion [a_g0; b_g0; ...; a_g1; b_g1; ...] (QKV per KV group)",
@@ -200,8 +196,8 @@ register(
 def _split_groups(inputs, names, params):
     (src,) = inputs
     g = _groups(params, "split_groups")
-    rows = _ints(params, "rows", "split_groups")
-    return list(V.split_groups(src, rows, g, names))
+    per_group = _ints(params, "rows", "split_groups")
+    return list(V.split_groups(src, per_group, g, names))
 
 
 register(
@@ -224,7 +220,7 @@ register(
     Op(
         "interleave_rows",
         _interleave_rows,
-        lambda p, s, d: ("split_groups", {"groups": _rows(s[0]), "rows": [1] * len(s)}),
+        lambda p, s, d: ("split_groups", {"groups": rows(s[0]), "rows": [1] * len(s)}),
         n_in=None,
         doc="row-by-row alternation [a0; b0; a1; b1; ...] (MindSpore w_gate_hidden)",
     )
@@ -265,17 +261,17 @@ register(
 def _slice_rows(inputs, names, params):
     (src,) = inputs
     start = params.get("start", 0)
-    stop = params.get("stop", _rows(src.shape))
-    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= _rows(src.shape)):
-        raise MappingError(f"op slice_rows: rows {start}..{stop} are outside {src.name!r} ({_rows(src.shape)} rows)")
+    stop = params.get("stop", rows(src.shape))
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= rows(src.shape)):
+        raise MappingError(f"op slice_rows: rows {start}..{stop} are outside {src.name!r} ({rows(src.shape)} rows)")
     return [V.slice_rows(src, start, stop, names[0])]
 
 
 def _slice_rows_inverse(p, s, d):
-    start, stop = p.get("start", 0), p.get("stop", _rows(s[0]))
-    if start == 0 and stop == _rows(s[0]):
+    start, stop = p.get("start", 0), p.get("stop", rows(s[0]))
+    if start == 0 and stop == rows(s[0]):
         return ("copy", {})
-    return f"rows outside {start}..{stop} of {_rows(s[0])} dropped (e.g. vocabulary padding)"
+    return f"rows outside {start}..{stop} of {rows(s[0])} dropped (e.g. vocabulary padding)"
 
 
 register(Op("slice_rows", _slice_rows, _slice_rows_inverse, params=("start", "stop"), doc="rows [start, stop) only"))
@@ -332,9 +328,9 @@ def _scale_value(params: Mapping[str, Any]) -> float:
 def _scale(inputs, names, params):
     (src,) = inputs
     value = _scale_value(params)
-    start, stop = params.get("start", 0), params.get("stop", _rows(src.shape))
-    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= _rows(src.shape)):
-        raise MappingError(f"op scale: rows {start}..{stop} are outside {src.name!r} ({_rows(src.shape)} rows)")
+    start, stop = params.get("start", 0), params.get("stop", rows(src.shape))
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= rows(src.shape)):
+        raise MappingError(f"op scale: rows {start}..{stop} are outside {src.name!r} ({rows(src.shape)} rows)")
     if src.dtype.name not in ("F32", "BF16", "F16"):
         raise MappingError(f"op scale: {src.name!r} is {src.dtype}: only float32, bfloat16 and float16 scale")
     if start == stop:
@@ -344,9 +340,9 @@ def _scale(inputs, names, params):
         return from_float32((to_float32(raw, src.dtype).astype(np.float64) * value).astype(np.float32), src.dtype)
 
     scaled = V.Elementwise(names[0], src, src.dtype, fn)
-    if start == 0 and stop == _rows(src.shape):
+    if start == 0 and stop == rows(src.shape):
         return [scaled]
-    pieces = [V.Piece(0, 0, start), V.Piece(1, start, stop), V.Piece(0, stop, _rows(src.shape))]
+    pieces = [V.Piece(0, 0, start), V.Piece(1, start, stop), V.Piece(0, stop, rows(src.shape))]
     return [V.Rows(names[0], [src, scaled], pieces)]
 
 

@@ -31,17 +31,13 @@ import numpy as np
 from hubconv.dtypes import DType
 from hubconv.dtypes import cast as cast_raw
 from hubconv.errors import MappingError
-from hubconv.io.tensor import BLOCK_BYTES, LazyTensor, Segment, numel, row_blocks
+from hubconv.io.tensor import BLOCK_BYTES, LazyTensor, Segment, numel, row_blocks, rows
 
 _PAGE = mmap.PAGESIZE
 
 
 def _row_bytes(t: LazyTensor) -> int:
     return numel(t.shape[1:]) * t.dtype.itemsize
-
-
-def _nrows(t: LazyTensor) -> int:
-    return t.shape[0] if t.shape else 1
 
 
 class View:
@@ -159,13 +155,13 @@ def slice_rows(src: LazyTensor, start: int, stop: int, name: str | None = None) 
 
 def concat_rows(sources: Sequence[LazyTensor], name: str) -> Rows:
     """Sources stacked on dim 0 (column-parallel tensor-parallel shards, [q; k; v] fusions)."""
-    return Rows(name, sources, [Piece(i, 0, _nrows(s)) for i, s in enumerate(sources)])
+    return Rows(name, sources, [Piece(i, 0, rows(s.shape)) for i, s in enumerate(sources)])
 
 
 def split_rows(src: LazyTensor, sizes: Sequence[int], names: Sequence[str]) -> list[Rows]:
     """`src` cut on dim 0 into consecutive parts of `sizes` rows (e.g. Megatron `fc1` -> gate, up)."""
-    if sum(sizes) != _nrows(src) or len(sizes) != len(names):
-        raise MappingError(f"{src.name}: {_nrows(src)} rows cannot be split into parts of {list(sizes)} rows")
+    if sum(sizes) != rows(src.shape) or len(sizes) != len(names):
+        raise MappingError(f"{src.name}: {rows(src.shape)} rows cannot be split into parts of {list(sizes)} rows")
     bounds = np.cumsum([0, *sizes])
     return [slice_rows(src, int(a), int(b), n) for a, b, n in zip(bounds[:-1], bounds[1:], names, strict=True)]
 
@@ -178,8 +174,8 @@ def interleave_groups(sources: Sequence[LazyTensor], rows_per_group: Sequence[in
     (heads_per_group * head_dim, head_dim, head_dim). `split_groups` is its inverse.
     """
     for s, r in zip(sources, rows_per_group, strict=True):
-        if _nrows(s) != n_groups * r:
-            raise MappingError(f"{name}: {s.name!r} has {_nrows(s)} rows, expected {n_groups} groups of {r}")
+        if rows(s.shape) != n_groups * r:
+            raise MappingError(f"{name}: {s.name!r} has {rows(s.shape)} rows, expected {n_groups} groups of {r}")
     pieces = [Piece(i, g * r, (g + 1) * r) for g in range(n_groups) for i, r in enumerate(rows_per_group)]
     return Rows(name, sources, pieces)
 
@@ -187,8 +183,10 @@ def interleave_groups(sources: Sequence[LazyTensor], rows_per_group: Sequence[in
 def split_groups(src: LazyTensor, rows_per_group: Sequence[int], n_groups: int, names: Sequence[str]) -> list[Rows]:
     """Inverse of `interleave_groups`: one view per part, each gathering its rows from every group."""
     stride = sum(rows_per_group)
-    if _nrows(src) != n_groups * stride or len(names) != len(rows_per_group):
-        raise MappingError(f"{src.name}: {_nrows(src)} rows are not {n_groups} groups of {list(rows_per_group)} rows")
+    if rows(src.shape) != n_groups * stride or len(names) != len(rows_per_group):
+        raise MappingError(
+            f"{src.name}: {rows(src.shape)} rows are not {n_groups} groups of {list(rows_per_group)} rows"
+        )
     offsets = np.cumsum([0, *rows_per_group])
     return [
         Rows(
@@ -203,7 +201,7 @@ def split_groups(src: LazyTensor, rows_per_group: Sequence[int], n_groups: int, 
 def interleave_rows(sources: Sequence[LazyTensor], name: str) -> Rows:
     """Row by row alternation [a0; b0; a1; b1; ...] (MindSpore's `w_gate_hidden`); `split_groups`
     with rows_per_group of ones undoes it."""
-    return interleave_groups(sources, [1] * len(sources), _nrows(sources[0]), name)
+    return interleave_groups(sources, [1] * len(sources), rows(sources[0].shape), name)
 
 
 # ------------------------------------------------------------------------------ column concat
@@ -397,7 +395,7 @@ class Elementwise(View):
 
 def rename(src: LazyTensor, name: str) -> View:
     """`src` unchanged under another name (its file segments kept)."""
-    return Rows(name, [src], [Piece(0, 0, _nrows(src))]) if src.shape else _Same(src, name)
+    return Rows(name, [src], [Piece(0, 0, rows(src.shape))]) if src.shape else _Same(src, name)
 
 
 def cast(src: LazyTensor, dtype: DType, name: str | None = None) -> View:
@@ -427,8 +425,8 @@ def blocks(t: LazyTensor):
     if step is None:
         yield from (t.read_rows(lo, hi) for lo, hi in row_blocks(t.shape, t.dtype.itemsize))
         return
-    for lo in range(0, _nrows(t), step):
-        yield t.read_rows(lo, min(_nrows(t), lo + step))
+    for lo in range(0, rows(t.shape), step):
+        yield t.read_rows(lo, min(rows(t.shape), lo + step))
 
 
 def materialize(t: LazyTensor) -> np.ndarray:

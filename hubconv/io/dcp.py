@@ -27,7 +27,7 @@ from hubconv.io import safe_pickle, torch_zip
 from hubconv.io.checkpoint import Checkpoint
 from hubconv.io.files import FilePool
 from hubconv.io.paths import confined
-from hubconv.io.tensor import Segment, numel
+from hubconv.io.tensor import Segment, contiguous_strides, numel
 from hubconv.io.window import Window
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -84,7 +84,7 @@ class DcpTensor:
             raise CheckpointError(f"{where}: stored as {storage_dtype}, metadata says {self.dtype}")
         if rebuilt.size != c.sizes:
             raise CheckpointError(f"{where}: stored shape {rebuilt.size}, metadata says {c.sizes}")
-        if rebuilt.stride != _contiguous_strides(c.sizes) and numel(c.sizes) > 1:
+        if rebuilt.stride != contiguous_strides(c.sizes) and numel(c.sizes) > 1:
             raise CheckpointError(f"{where}: tensor is not stored contiguously (stride {rebuilt.stride})")
         if not (_is_count(rebuilt.storage_offset) and _is_count(storage_numel) and isinstance(key, str)):
             raise CheckpointError(f"{where}: malformed storage reference {storage!r}")
@@ -147,14 +147,6 @@ class DcpTensor:
             index = (slice(lo - start, hi - start), *inner)
             out[index] = block
         return out
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    return tuple(reversed(strides))
 
 
 def _state(obj: Any) -> dict[str, Any]:

@@ -48,6 +48,15 @@ def nbytes(t: LazyTensor) -> int:
     return numel(t.shape) * t.dtype.itemsize
 
 
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a row-major (C-contiguous) tensor of `shape`."""
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
 def rows(shape: tuple[int, ...]) -> int:
     return shape[0] if shape else 1
 

@@ -28,7 +28,7 @@ from hubconv.errors import CheckpointError, HubconvError
 from hubconv.io import safe_pickle, torch_zip
 from hubconv.io.checkpoint import Checkpoint
 from hubconv.io.files import FilePool
-from hubconv.io.tensor import Segment, numel
+from hubconv.io.tensor import Segment, contiguous_strides, numel
 from hubconv.io.window import Window
 
 MAX_PICKLE = 256 * 1024 * 1024  # data.pkl of a large training checkpoint (optimizer ids, RNG states): tens of MiB
@@ -50,14 +50,10 @@ class ZipTensor:
     ):
         self.name, self.dtype, self.shape, self._stride = name, dtype, shape, stride
         self._path, self._start, self._pool = path, start, pool  # start: absolute offset of element 0
-
-    @property
-    def contiguous(self) -> bool:
-        expect, acc = [], 1
-        for s in reversed(self.shape):
-            expect.append(acc)
-            acc *= s
-        return all(n <= 1 or st == e for n, st, e in zip(self.shape, self._stride, reversed(expect), strict=True))
+        # Row-major in its storage (strides of size-1 dims do not matter): bytes can move untouched.
+        self.contiguous = all(
+            n <= 1 or st == e for n, st, e in zip(shape, stride, contiguous_strides(shape), strict=True)
+        )
 
     def segments(self) -> list[Segment] | None:
         if not self.contiguous:
