@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from hubconv.adapters.base import Adapter, ConversionPlan
-from hubconv.adapters.rules import Mapped, Rule, RuleTable
+from hubconv.adapters.rules import Mapped, Rule, RuleTable, evaluate
 from hubconv.errors import MappingError
 from hubconv.io.checkpoint import Checkpoint
 from hubconv.io.tensor import LazyTensor, row_blocks
@@ -125,8 +125,6 @@ class RuleAdapter(Adapter):
     def expected_targets(self, table: RuleTable, args: Mapping[str, Any]) -> dict[str, str]:
         """Every target name the table must produce for these args -> the rule that makes it.
         Layer placeholders range over `args[layer_count_arg]` unless the rule names its own count."""
-        from hubconv.adapters.rules import evaluate
-
         out: dict[str, str] = {}
         for rule in table.rules:
             for dst in rule.targets:
@@ -143,8 +141,9 @@ class RuleAdapter(Adapter):
     def check_complete(self, where: str, table: RuleTable, records: list[Mapped], args: Mapping[str, Any]) -> None:
         produced = {t for r in records for t in r.targets}
         expected = self.expected_targets(table, args)
-        if self.tied_keys(args) and self.tied(args):
-            expected = {k: v for k, v in expected.items() if k not in self.tied_heads(args)}
+        pair = self.tied_keys(args)
+        if pair and self.tied(args):  # a tied model stores no head: its rule's targets are not expected
+            expected = {k: v for k, v in expected.items() if v != pair[1]}
         missing = sorted(set(expected) - produced)
         if missing:
             needed = list(dict.fromkeys(expected[m] for m in missing))  # native names, in order, once each
@@ -153,10 +152,6 @@ class RuleAdapter(Adapter):
                 + ", ".join(needed[:8])
                 + (f" and {len(needed) - 8} more" if len(needed) > 8 else "")
             )
-
-    def tied_heads(self, args: Mapping[str, Any]) -> set[str]:
-        """Target names that a tied model does not store (its head)."""
-        return {"lm_head.weight"}
 
     def to_hf(self, tensors: Mapping[str, LazyTensor], args: Mapping[str, Any], family: str = "") -> list[Any]:
         targets, _, _ = self.table(args).apply(tensors, args)
