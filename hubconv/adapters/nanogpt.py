@@ -131,12 +131,22 @@ class NanoGPTAdapter(RuleAdapter):
     def plan(self, ckpt: Checkpoint, family: str, user_args: Mapping[str, Any]) -> ConversionPlan:
         plan = super().plan(ckpt, family, user_args)
         if plan.native_args.get("tokenizer", {}).get("kind") == "char":  # offer the meta.pkl as the tokenizer
-            meta = user_args.get("meta_pkl")
-            if meta is None or meta is True:
-                config = ckpt.values.get("config")
-                meta = find_meta(ckpt.path, config.get("dataset") if isinstance(config, Mapping) else None)
-            plan.tokenizer = os.path.abspath(str(meta)) if meta else None
+            meta = self._meta_path(ckpt, user_args)
+            plan.tokenizer = os.path.abspath(meta) if meta else None
         return plan
+
+    @staticmethod
+    def _meta_path(ckpt: Checkpoint, user: Mapping[str, Any]) -> str | None:
+        """The char vocabulary: `meta_pkl` from the model args (False: none), else the one nanoGPT's sample.py finds."""
+        meta = user.get("meta_pkl")
+        if meta is None or meta is True:
+            config = ckpt.values.get("config")
+            return find_meta(ckpt.path, config.get("dataset") if isinstance(config, Mapping) else None)
+        if meta is False:
+            return None
+        if not os.path.isfile(str(meta)):
+            raise ModelArgsError(f"--model-args meta_pkl: {meta}: no such file")
+        return str(meta)
 
     def open(self, path: str) -> Checkpoint:
         """`ckpt.pt`, or nanoGPT's `out_dir` holding it."""
@@ -254,13 +264,7 @@ class NanoGPTAdapter(RuleAdapter):
         where = ckpt.path
         tok: dict[str, Any]
         stated = user.get("tokenizer_vocab_size")
-        meta = user.get("meta_pkl")
-        if meta is None or meta is True:
-            config = ckpt.values.get("config")
-            dataset = config.get("dataset") if isinstance(config, Mapping) else None
-            meta = find_meta(where, dataset)
-        elif meta is not False and not os.path.isfile(str(meta)):
-            raise ModelArgsError(f"--model-args meta_pkl: {meta}: no such file")
+        meta = self._meta_path(ckpt, user)
         if stated is not None:
             if isinstance(stated, bool) or not isinstance(stated, int) or stated <= 0:
                 raise ModelArgsError(f"--model-args tokenizer_vocab_size={stated!r} is not a positive integer")
