@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,7 @@ def _run(
     sink: ShardSink | None = None,
     mapping: str | None = None,
     auto_tokenizer: bool = True,
+    shown: Callable[[str], str] = str,
 ) -> ConversionPlan:
     with load_adapter(adapter, mapping)[0].open(checkpoint) as ckpt:
         plan = build_plan(adapter, ckpt, model_args, mapping)
@@ -113,7 +114,7 @@ def _run(
                 notes = _add_tokenizer(tokenizer, staging, plan)
                 plan.notes.extend(notes)
             with open(os.path.join(staging, "hubconv.json"), "w") as f:
-                json.dump(_record(plan, checkpoint, mapping, adapter), f, indent=2)
+                json.dump(_record(plan, checkpoint, mapping, adapter, shown), f, indent=2)
                 f.write("\n")
             publish_dir(staging, output)
         except OSError as e:
@@ -143,10 +144,12 @@ def convert(
     sink: ShardSink | None = None,
     mapping: str | None = None,
     auto_tokenizer: bool = True,
+    shown: Callable[[str], str] = str,
 ) -> ConvertResult:
     """Convert `checkpoint` with `adapter` into the HF folder `output` (written atomically); `mapping` is the YAML
     file of `--adapter mapping`. Without `tokenizer`, a tokenizer the adapter finds with the checkpoint is written
-    (unless `auto_tokenizer` is false)."""
+    (unless `auto_tokenizer` is false). `shown` turns the local paths recorded in `hubconv.json` (which is published
+    with the model) into what may be shown, e.g. paths relative to the release config's folder."""
     start = time.monotonic()
     prepare_output(output, overwrite, input_paths(checkpoint, tokenizer, model_args, mapping))
     out_dtype = parse_user_dtype(dtype)
@@ -164,6 +167,7 @@ def convert(
         sink,
         mapping,
         auto_tokenizer,
+        shown,
     )
     files = {n: os.path.getsize(os.path.join(output, n)) for n in sorted(os.listdir(output)) if not n.startswith(".")}
     return ConvertResult(
@@ -231,19 +235,26 @@ def _compare(spec: TargetSpec, plan: ConversionPlan) -> None:
         raise MappingError(f"{e} ({'; '.join(f'{k} comes from {plan.origins[k]}' for k in wrong[:3])})") from None
 
 
-def _record(plan: ConversionPlan, checkpoint: str, mapping: str | None = None, spec: str = "") -> dict[str, Any]:
-    """Provenance written next to the weights (`hubconv.json`)."""
+def _record(
+    plan: ConversionPlan,
+    checkpoint: str,
+    mapping: str | None = None,
+    spec: str = "",
+    shown: Callable[[str], str] = str,
+) -> dict[str, Any]:
+    """Provenance written next to the weights (`hubconv.json`); local paths pass through `shown`."""
     mapped: dict[str, Any] = {}
     if registry.is_plugin_spec(spec):  # `hubconv smoke DIR` finds the plugin again from here
-        mapped["adapter_spec"] = spec
+        file, sep, cls = spec.partition(".py:")
+        mapped["adapter_spec"] = f"{shown(file + '.py')}:{cls}" if sep else spec
     if mapping is not None:
         with open(mapping, "rb") as f:
-            mapped = {"mapping": {"path": mapping, "sha256": hashlib.sha256(f.read()).hexdigest()}}
+            mapped["mapping"] = {"path": shown(mapping), "sha256": hashlib.sha256(f.read()).hexdigest()}
     return {
         "hubconv_version": __version__,
         "adapter": plan.adapter,
         "family": plan.family,
-        "checkpoint": checkpoint,  # as given: absolute paths would leak local directories into model cards
+        "checkpoint": shown(checkpoint),  # absolute local paths must not be published
         "native_args": plan.native_args,
         "dropped": plan.dropped,
         "lossy": plan.lossy,

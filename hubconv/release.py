@@ -136,6 +136,7 @@ def run_release(
             sink=sink,
             mapping=cfg.mapping,
             auto_tokenizer=False,  # written below, with the tokenizer settings of the config
+            shown=lambda path: _shown(path, cfg),  # hubconv.json is published with the model
         )
         checks.append(
             StageCheck(
@@ -146,7 +147,6 @@ def run_release(
                 f"with reasons; {sum(conversion.files.values()):,} bytes written",
             )
         )
-        _publishable_record(os.path.join(staging, "hubconv.json"), cfg)
         with open(os.path.join(staging, "config.json")) as f:
             vocab_rows = json.load(f).get("vocab_size")
 
@@ -214,7 +214,7 @@ def run_release(
         provenance = Provenance(
             source_framework=conversion.adapter,
             adapter=f"{conversion.adapter}:{conversion.family}",
-            checkpoint=cfg.checkpoint if not os.path.isabs(cfg.checkpoint) else _relative(cfg.checkpoint, cfg),
+            checkpoint=_shown(cfg.checkpoint, cfg),
             hubconv_version=__version__,
             converted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             **prov,
@@ -246,21 +246,9 @@ def card_fields(cfg: ReleaseConfig) -> Any:
     return CardFields(repo_id=cfg.hub.repo_id, **asdict(cfg.card))
 
 
-def _publishable_record(path: str, cfg: ReleaseConfig) -> None:
-    """hubconv.json is published with the model: local paths in it become relative to the config's folder."""
-    with open(path) as f:
-        record = json.load(f)
-    for key in ("checkpoint", "adapter_spec"):
-        value = record.get(key)
-        if isinstance(value, str) and os.path.isabs(value.split(":")[0]):
-            file, sep, rest = value.partition(".py:") if key == "adapter_spec" else (value, "", "")
-            record[key] = _relative(file + (".py" if sep else ""), cfg) + (":" + rest if sep else "")
-    mapping = record.get("mapping")
-    if isinstance(mapping, dict) and isinstance(mapping.get("path"), str) and os.path.isabs(mapping["path"]):
-        mapping["path"] = _relative(mapping["path"], cfg)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
+def _shown(path: str, cfg: ReleaseConfig) -> str:
+    """A local path as it may be published: as given when relative, else relative to the config's folder."""
+    return _relative(path, cfg) if os.path.isabs(path) else path
 
 
 def _relative(path: str, cfg: ReleaseConfig) -> str:
