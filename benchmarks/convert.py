@@ -237,6 +237,28 @@ def bench_file_checkpoint(
     return results
 
 
+def file_checkpoint_main(
+    doc: str | None, script: str, make: Callable[[str, float], int], adapter_args: list[str], workdir: str
+) -> int:
+    """The command line of a one-file-checkpoint benchmark: `--sizes`, `--repeats`, `--workdir`, `--hubconv`, and
+    the hidden child mode `--make PATH GB` that builds one checkpoint with `make` (returns its layer count)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="0.5,2", help="comma-separated checkpoint sizes in GB")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default=workdir)
+    ap.add_argument("--hubconv", default=shutil.which("hubconv") or os.path.join(ROOT, ".venv", "bin", "hubconv"))
+    ap.add_argument("--make", nargs=2, metavar=("PATH", "GB"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.make:  # child mode: build one checkpoint, so the parent's memory stays small
+        print(make(a.make[0], float(a.make[1])))
+        return 0
+    sizes = [float(s) for s in a.sizes.split(",")]
+    results = bench_file_checkpoint(script, adapter_args, sizes, a.repeats, a.workdir, a.hubconv)
+    json.dump(results, sys.stdout, indent=2)
+    print()
+    return 0
+
+
 def report_growth(results: dict[str, object]) -> None:
     """Add and print the peak-RSS growth from the smallest to the largest size (flat memory means ~0)."""
     sizes = [k for k in results if k.endswith("GB")]

@@ -14,14 +14,11 @@ four Conv1D weights are transposed (column-box reads of the file) and the vocabu
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert import ROOT, bench_file_checkpoint
+from convert import file_checkpoint_main
 
 N_EMBD, N_HEAD, VOCAB, BLOCK = 1280, 20, 50304, 1024
 
@@ -69,21 +66,9 @@ def make_checkpoint(path: str, gigabytes: float) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="0.5,2", help="comma-separated checkpoint sizes in GB")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workdir", default="/tmp/hubconv-nanogpt-bench")
-    ap.add_argument("--hubconv", default=shutil.which("hubconv") or os.path.join(ROOT, ".venv", "bin", "hubconv"))
-    ap.add_argument("--make", nargs=2, metavar=("PATH", "GB"), help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.make:  # child mode: build one checkpoint, so the parent's memory stays small
-        print(make_checkpoint(a.make[0], float(a.make[1])))
-        return 0
-    sizes = [float(s) for s in a.sizes.split(",")]
-    results = bench_file_checkpoint(__file__, ["--adapter", "nanogpt"], sizes, a.repeats, a.workdir, a.hubconv)
-    json.dump(results, sys.stdout, indent=2)
-    print()
-    return 0
+    return file_checkpoint_main(
+        __doc__, __file__, make_checkpoint, ["--adapter", "nanogpt"], "/tmp/hubconv-nanogpt-bench"
+    )
 
 
 if __name__ == "__main__":
