@@ -20,3 +20,19 @@ EXAMPLE_SOURCE = [
 def hubconv(*args: str, cwd: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the `hubconv` command line in a child process, capturing its output."""
     return subprocess.run([sys.executable, "-m", "hubconv", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def segment_bytes(segs: list) -> bytes:
+    """The bytes that file segments (hubconv.io.tensor.Segment) point at, concatenated."""
+    out = b""
+    for s in segs:
+        with open(s.path, "rb") as f:
+            f.seek(s.offset)
+            out += f.read(s.nbytes)
+    return out
+
+
+def single_segment_bytes(t) -> bytes:
+    """The bytes of a lazy tensor stored as exactly one file segment."""
+    (seg,) = t.segments()
+    return segment_bytes([seg])

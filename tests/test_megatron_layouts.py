@@ -20,18 +20,10 @@ from hubconv.adapters import megatron_layouts as M
 from hubconv.dtypes import F32
 from hubconv.errors import CheckpointError, MappingError, ModelArgsError
 from hubconv.io.safetensors_reader import open_safetensors
-from hubconv.io.tensor import ArrayTensor, Segment
+from hubconv.io.tensor import ArrayTensor
+from tests.helpers import segment_bytes
 
 H, HN, FFN, VOCAB, LAYERS = 16, 4, 24, 40, 4
-
-
-def segment_bytes(segs: list[Segment]) -> bytes:
-    out = b""
-    for s in segs:
-        with open(s.path, "rb") as f:
-            f.seek(s.offset)
-            out += f.read(s.nbytes)
-    return out
 
 
 # ------------------------------------------------------------------ Megatron's sharding, in numpy

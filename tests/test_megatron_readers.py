@@ -21,20 +21,13 @@ from hubconv.errors import CheckpointError
 from hubconv.io.checkpoint import open_checkpoint
 from hubconv.io.tensor import read_all
 from hubconv.io.torch_file import open_torch_zip
-from tests.helpers import ROOT
+from tests.helpers import ROOT, single_segment_bytes
 
 
 def _saved(obj: object) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def _segment_bytes(t) -> bytes:
-    (seg,) = t.segments()
-    with open(seg.path, "rb") as f:
-        f.seek(seg.offset)
-        return f.read(seg.nbytes)
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:
@@ -59,7 +52,7 @@ def test_torch_zip_in_window_gives_outer_file_segments(tmp_path) -> None:
             np.testing.assert_array_equal(got, state[name].numpy())
         seg = ckpt.tensors["model.w"].segments()[0]
         assert seg.path == str(outer) and len(head) <= seg.offset < len(head) + len(blob)
-        assert _segment_bytes(ckpt.tensors["model.w"]) == state["w"].numpy().tobytes()
+        assert single_segment_bytes(ckpt.tensors["model.w"]) == state["w"].numpy().tobytes()
         assert ckpt.tensors["model.t"].segments() is None  # a saved transpose is read strided
 
 

@@ -16,6 +16,7 @@ import torch
 from hubconv.errors import CheckpointError
 from hubconv.io.tensor import read_all
 from hubconv.io.torch_file import open_torch_zip
+from tests.helpers import single_segment_bytes
 from tests.native import nanogpt as ng
 
 
@@ -24,13 +25,6 @@ def _raw(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
-
-
-def _segment_bytes(t) -> bytes:
-    (seg,) = t.segments()
-    with open(seg.path, "rb") as f:
-        f.seek(seg.offset)
-        return f.read(seg.nbytes)
 
 
 def test_matches_torch_load_bit_exact(tmp_path) -> None:
@@ -65,7 +59,7 @@ def test_matches_torch_load_bit_exact(tmp_path) -> None:
             expect = _raw(ref.detach())
             assert np.array_equal(read_all(t).reshape(-1).view(np.uint8), expect.reshape(-1).view(np.uint8)), name
             if ref.is_contiguous():
-                assert _segment_bytes(t) == expect.tobytes(), name
+                assert single_segment_bytes(t) == expect.tobytes(), name
             else:
                 assert t.segments() is None, name
                 assert np.array_equal(t.read_rows(1, 3), expect[1:3]), name

@@ -13,7 +13,8 @@ from hubconv import views as V
 from hubconv.dtypes import BF16, BY_NAME, F32
 from hubconv.errors import MappingError
 from hubconv.io.safetensors_reader import open_safetensors
-from hubconv.io.tensor import ArrayTensor, Segment
+from hubconv.io.tensor import ArrayTensor
+from tests.helpers import segment_bytes
 
 RNG = np.random.default_rng(7)
 
@@ -24,15 +25,6 @@ def arr(*shape: int) -> np.ndarray:
 
 def mem(name: str, a: np.ndarray) -> ArrayTensor:
     return ArrayTensor(name, BY_NAME["F32"], a)
-
-
-def segment_bytes(segs: list[Segment]) -> bytes:
-    out = b""
-    for s in segs:
-        with open(s.path, "rb") as f:
-            f.seek(s.offset)
-            out += f.read(s.nbytes)
-    return out
 
 
 @pytest.fixture
