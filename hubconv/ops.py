@@ -227,6 +227,35 @@ register(
 )
 
 
+def _transpose_groups(inputs, names, params):
+    (src,) = inputs
+    g, r = _int(params, "groups", "transpose_groups"), _int(params, "rows", "transpose_groups")
+    if rows(src.shape) % (g * r):
+        raise MappingError(
+            f"op transpose_groups: {src.name!r} has {rows(src.shape)} rows, not {g} groups of {r}-row blocks"
+        )
+    n = rows(src.shape) // (g * r)
+    return [
+        V.Rows(names[0], [src], [V.Piece(0, (a * n + j) * r, (a * n + j + 1) * r) for j in range(n) for a in range(g)])
+    ]
+
+
+def _transpose_groups_inverse(p, s, d):
+    g, r = p.get("groups", 1), p.get("rows", 1)
+    return ("transpose_groups", {"groups": max(rows(s[0]) // (g * r), 1), "rows": r})
+
+
+register(
+    Op(
+        "transpose_groups",
+        _transpose_groups,
+        _transpose_groups_inverse,
+        params=("groups", "rows"),
+        doc="`groups` groups of n blocks of `rows` rows, reordered block-major ([Q; K; V] -> [q0; k0; v0; q1; ...])",
+    )
+)
+
+
 def _concat_columns(inputs, names, params):
     return [V.concat_columns(inputs, names[0])]
 
