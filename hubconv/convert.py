@@ -63,6 +63,21 @@ def build_plan(
     return adapter.plan(ckpt, family, adapter.load_args(model_args))
 
 
+def output_dtypes(plan: ConversionPlan, out_dtype: DType | None) -> dict[str, DType]:
+    """The dtype each target is written in: `out_dtype` for floating-point tensors when given, else its own."""
+    return {t.name: (out_dtype if out_dtype and t.dtype.is_float else t.dtype) for t in plan.targets}
+
+
+def shard_plan(plan: ConversionPlan, out_dtype: DType | None, shard_bytes: int) -> ShardPlan:
+    """The deterministic shard plan of a conversion (file names, tensor offsets, header metadata)."""
+    dtypes = output_dtypes(plan, out_dtype)
+    return plan_shards(
+        [(t.name, dtypes[t.name], t.shape) for t in plan.targets],
+        shard_bytes,
+        {"format": "pt", "converted_by": f"hubconv {__version__}", "source_adapter": plan.adapter},
+    )
+
+
 def _run(
     adapter: str,
     checkpoint: str,
@@ -81,13 +96,9 @@ def _run(
     with load_adapter(adapter, mapping)[0].open(checkpoint) as ckpt:
         plan = build_plan(adapter, ckpt, model_args, mapping)
         targets = {t.name: t for t in plan.targets}
-        dtypes = {t.name: (out_dtype if out_dtype and t.dtype.is_float else t.dtype) for t in plan.targets}
+        dtypes = output_dtypes(plan, out_dtype)
         dominant = max(plan.targets, key=lambda t: t.dtype.itemsize * numel(t.shape))
-        shards = plan_shards(
-            [(t.name, dtypes[t.name], t.shape) for t in plan.targets],
-            shard_bytes,
-            {"format": "pt", "converted_by": f"hubconv {__version__}", "source_adapter": plan.adapter},
-        )
+        shards = shard_plan(plan, out_dtype, shard_bytes)
         staging = None
         check: TargetCheck | None = None
         try:

@@ -213,7 +213,10 @@ class ShardSink(Protocol):
     def done(self, path: str) -> None: ...
 
     def flush(self) -> None:
-        """Return once every shard handed to `done` has been consumed (or raise why not)."""
+        """Return once every shard handed to `done` has been consumed (or raise why not).
+
+        A sink may also define `skip(path) -> bool`: a shard it skips is not written here at all (another worker
+        of a sharded release writes it; see `hubconv.workers`)."""
 
 
 @dataclass
@@ -272,11 +275,13 @@ def write_model(
                 if sink is not None:
                     sink.done(state.path)
 
+    skip = getattr(sink, "skip", None)
     try:
         with ThreadPoolExecutor(max_workers=threads or default_threads()) as pool:
             futures = [
                 pool.submit(job, state, planned)
                 for state, shard in zip(shards, plan.shards, strict=True)
+                if skip is None or not skip(state.path)
                 for planned in shard.tensors
             ]
             try:
