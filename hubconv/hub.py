@@ -581,3 +581,36 @@ class StreamingUploader:
         if self._error is not None:
             raise HubconvError(f"streaming upload failed: {_reason(self._error)}")
         return self.operations
+
+
+def preuploaded_operation(path_in_repo: str, size: int, sha256: str) -> Any:
+    """A `CommitOperationAdd` for an LFS object that another process pre-uploaded (`preupload_lfs_files`), in the
+    state `preupload_lfs_files` leaves its operations in: `create_commit` references the object by sha256 and size
+    and sends no content (used by sharded publishing, whose workers upload the shards)."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.lfs import UploadInfo
+
+    op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=b"")
+    op.upload_info = UploadInfo(size=size, sample=b"", sha256=bytes.fromhex(sha256))
+    op._upload_mode = "lfs"  # what the preupload endpoint answered to the worker that uploaded it
+    op._is_uploaded = True
+    return op
+
+
+def missing_lfs_objects(api: Any, repo_id: str, objects: list[tuple[str, int]]) -> set[str]:
+    """The sha256s among `objects` ((sha256 hex, size) pairs) that the Hub does not hold for `repo_id`, asked with
+    huggingface_hub's LFS batch request: an object the Hub already has comes back without upload actions."""
+    from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
+
+    missing: set[str] = set()
+    for i in range(0, len(objects), 100):
+        infos = [UploadInfo(size=size, sample=b"", sha256=bytes.fromhex(sha)) for sha, size in objects[i : i + 100]]
+        actions, errors, _ = with_retries(
+            "ask the Hub for uploaded objects",
+            lambda infos=infos: post_lfs_batch_info(infos, api.token, "model", repo_id, endpoint=api.endpoint),
+        )
+        if errors:
+            first = errors[0]
+            raise HubconvError(f"{repo_id}: the Hub refused LFS object {first.get('oid')}: {first.get('error')}")
+        missing |= {a["oid"] for a in actions if a.get("actions")}
+    return missing
