@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from hubconv.checks import Check
 from hubconv.errors import HubconvError
+from hubconv.io.protobuf import fields as _proto_fields
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -489,48 +490,6 @@ class _SpmModel:
     escape_whitespaces: bool = True
 
 
-def _proto_fields(buf: bytes) -> Iterable[tuple[int, int, Any]]:
-    """Yield (field number, wire type, value) of one protobuf message: ints for varint/fixed, bytes for length."""
-    pos, end = 0, len(buf)
-
-    def varint() -> int:
-        nonlocal pos
-        value = shift = 0
-        while True:
-            if pos >= end or shift > 63:
-                raise ValueError("truncated varint")
-            byte = buf[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    while pos < end:
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            yield number, wire, varint()
-        elif wire == 1:
-            if pos + 8 > end:
-                raise ValueError("truncated fixed64")
-            yield number, wire, buf[pos : pos + 8]
-            pos += 8
-        elif wire == 2:
-            length = varint()
-            if pos + length > end:
-                raise ValueError("truncated length-delimited field")
-            yield number, wire, buf[pos : pos + length]
-            pos += length
-        elif wire == 5:
-            if pos + 4 > end:
-                raise ValueError("truncated fixed32")
-            yield number, wire, buf[pos : pos + 4]
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-
-
 def _int32(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
@@ -543,7 +502,7 @@ def _parse_spm(path: Path) -> _SpmModel:
         raise TokenizerError(f"{path}: cannot read: {e}") from e
     m = _SpmModel(pieces=[])
     try:
-        for number, wire, value in _proto_fields(data):
+        for number, wire, value in _proto_fields(data, str(path)):
             if number == 1 and wire == 2:  # SentencePiece pieces
                 piece, score, kind = "", 0.0, _SPM_NORMAL
                 for n, w, v in _proto_fields(value):

@@ -220,6 +220,20 @@ register_reader(
     suffixes=(".pt", ".pth", ".bin"),
     description="legacy torch pickle (\\x80 protocol byte)",
 )
+register_reader(
+    "mindspore-ckpt",
+    lambda path, head: _module("hubconv.io.mindspore_ckpt").is_mindspore_ckpt(path, head),
+    _lazy("hubconv.io.mindspore_ckpt", "open_mindspore_ckpt"),
+    suffixes=(".ckpt",),
+    description="MindSpore .ckpt (protobuf Checkpoint: 0a <len> 0a <len> <tag>)",
+)
+register_reader(
+    "mindspore-ranks",
+    lambda path, head: _module("hubconv.io.mindspore_ckpt").is_rank_folder(path, head),
+    _lazy("hubconv.io.mindspore_ckpt", "open_rank_folder"),
+    kind="folder",
+    description="MindSpore/MindFormers rank folders (rank_N/*.ckpt or *.safetensors)",
+)
 
 
 def _head(path: str) -> bytes:
