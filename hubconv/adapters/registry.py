@@ -41,6 +41,7 @@ GROUP = "hubconv.adapters"
 _BUILTIN = {
     "torchtitan": "hubconv.adapters.torchtitan",
     "nanogpt": "hubconv.adapters.nanogpt",
+    "litgpt": "hubconv.adapters.litgpt",
     "mapping": "hubconv.adapters.mapping",
 }
 _ADAPTERS: dict[str, Adapter] = {}
