@@ -29,7 +29,10 @@ RUN apt-get update \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 
-COPY pyproject.toml README.md /tmp/hubconv-src/
+# The build context has no .git: setuptools-scm then reports pyproject.toml's fallback_version, unless this names the
+# version (the release workflow passes the git tag's; an ARG is in the environment of the RUN steps below).
+ARG SETUPTOOLS_SCM_PRETEND_VERSION_FOR_HUBCONV=""
+COPY pyproject.toml README.md LICENSE /tmp/hubconv-src/
 COPY docker/constraints.txt /tmp/hubconv-src/docker/
 COPY hubconv /tmp/hubconv-src/hubconv
 # torch first (so the CPU build satisfies the package's torch requirement), then hubconv with the fsspec backends
