@@ -41,6 +41,8 @@ GROUP = "hubconv.adapters"
 _BUILTIN = {
     "torchtitan": "hubconv.adapters.torchtitan",
     "nanogpt": "hubconv.adapters.nanogpt",
+    "megatron": "hubconv.adapters.megatron",
+    "nemo": "hubconv.adapters.megatron",
     "litgpt": "hubconv.adapters.litgpt",
     "mapping": "hubconv.adapters.mapping",
 }
