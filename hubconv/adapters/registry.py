@@ -44,6 +44,7 @@ _BUILTIN = {
     "megatron": "hubconv.adapters.megatron",
     "nemo": "hubconv.adapters.megatron",
     "litgpt": "hubconv.adapters.litgpt",
+    "mindformers": "hubconv.adapters.mindformers",
     "mapping": "hubconv.adapters.mapping",
 }
 _ADAPTERS: dict[str, Adapter] = {}
