@@ -585,6 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
     from hubconv.devhub.cli import add_parser as _add_devhub
 
     _add_devhub(sub)
+    from hubconv.import_cli import add_parser as _add_import
+
+    _add_import(sub)
+    from hubconv.publish_cli import add_parser as _add_publish
+
+    _add_publish(sub)
     return parser
 
 
