@@ -115,6 +115,21 @@ class DcpTensor:
     def _starts(self) -> list[int]:
         return [self._locate(c) for c in self._chunks]
 
+    def select(self, index: int, name: str | None = None) -> DcpTensor:
+        """The sub-tensor at `index` on dim 0 — one layer of a layer-stacked tensor (megatron-core `torch_dist`
+        saves `decoder.layers.*` as [num_layers, ...]) — reading only that layer's bytes of each chunk."""
+        if not self.shape or not 0 <= index < self.shape[0]:
+            raise CheckpointError(f"tensor {self.name!r} {list(self.shape)} has no index {index} on dim 0")
+        chunks, starts = [], []
+        for c, start in zip(self._chunks, self._starts, strict=True):
+            if c.offsets[0] <= index < c.offsets[0] + c.sizes[0]:
+                skip = (index - c.offsets[0]) * numel(c.sizes[1:]) * self.dtype.itemsize
+                chunks.append(_Chunk(c.offsets[1:], c.sizes[1:], c.path, c.item_offset, c.item_length))
+                starts.append(start + skip)
+        sub = DcpTensor(name or f"{self.name}[{index}]", self.dtype, self.shape[1:], chunks, self._pool)
+        sub.__dict__["_starts"] = starts  # located (and validated) through this tensor's records
+        return sub
+
     def _row_split(self) -> bool:
         """True when chunks are whole-row slabs (FSDP Shard(0) or a single chunk)."""
         return all(c.sizes[1:] == self.shape[1:] for c in self._chunks)
