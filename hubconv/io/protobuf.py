@@ -43,10 +43,10 @@ def decode_varint(buf: bytes | memoryview, pos: int, end: int, what: str, origin
     while True:
         if pos >= end:
             raise ProtobufError(f"{what}: truncated varint at byte {start}")
-        if pos - first >= MAX_VARINT_BYTES:
-            raise ProtobufError(f"{what}: varint at byte {start} is longer than {MAX_VARINT_BYTES} bytes")
         byte = buf[pos]
         pos += 1
+        if pos - first == MAX_VARINT_BYTES and byte & 0x80:
+            raise ProtobufError(f"{what}: varint at byte {start} is longer than {MAX_VARINT_BYTES} bytes")
         if pos - first == MAX_VARINT_BYTES and byte > 1:
             raise ProtobufError(f"{what}: varint at byte {start} does not fit in 64 bits")
         value |= (byte & 0x7F) << shift
