@@ -148,7 +148,7 @@ class Provenance:
 
 
 # How frameworks spell their own names, for the card's prose (tags keep the adapter's lowercase name).
-FRAMEWORK_NAMES = {"nanogpt": "nanoGPT", "litgpt": "LitGPT"}
+FRAMEWORK_NAMES = {"nanogpt": "nanoGPT", "litgpt": "LitGPT", "mindformers": "MindSpore Transformers"}
 
 
 def _framework(provenance: Provenance) -> str | None:
