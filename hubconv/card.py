@@ -148,7 +148,13 @@ class Provenance:
 
 
 # How frameworks spell their own names, for the card's prose (tags keep the adapter's lowercase name).
-FRAMEWORK_NAMES = {"nanogpt": "nanoGPT", "litgpt": "LitGPT", "mindformers": "MindSpore Transformers"}
+FRAMEWORK_NAMES = {
+    "nanogpt": "nanoGPT",
+    "litgpt": "LitGPT",
+    "mindformers": "MindSpore Transformers",
+    "megatron": "Megatron-LM",
+    "nemo": "NVIDIA NeMo",
+}
 
 
 def _framework(provenance: Provenance) -> str | None:
