@@ -957,6 +957,11 @@ def write_tokenizer(
         raise TokenizerError(f"model_max_length must be positive, got {model_max_length}")
     if special_tokens is not None:
         special_tokens = _special_token_dict(special_tokens, src)
+    if kind == "sentencepiece" and special_tokens is None and add_bos_token is None and chat_template is None:
+        from hubconv.tokenizer_gpt_sw3 import wants_gpt_sw3, write_gpt_sw3_tokenizer
+
+        if wants_gpt_sw3(out_dir):  # a GPT-SW3 model (Megatron/NeMo GPT-2 + SentencePiece): GPTSw3Tokenizer files
+            return write_gpt_sw3_tokenizer(source, out_dir, model_max_length=model_max_length, sample_text=sample_text)
 
     if kind == "hf":
         if add_bos_token is not None:

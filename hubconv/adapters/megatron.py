@@ -35,6 +35,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hubconv import views as V
@@ -46,7 +47,7 @@ from hubconv.adapters.megatron_source import RankModels, entry_reason, merged, r
 from hubconv.adapters.registry import register
 from hubconv.adapters.rules import Rule, RuleTable
 from hubconv.dtypes import BY_NAME
-from hubconv.errors import CheckpointError, MappingError, ModelArgsError
+from hubconv.errors import CheckpointError, HubconvError, MappingError, ModelArgsError
 from hubconv.io.checkpoint import Checkpoint
 from hubconv.io.tensor import LazyTensor
 
@@ -65,16 +66,6 @@ class _Prepared:
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
-
-
-def _spm_pieces(data: bytes, where: str) -> int:
-    """Number of pieces of a serialized SentencePiece ModelProto (field 1, repeated)."""
-    from hubconv.tokenizers import _proto_fields
-
-    try:
-        return sum(1 for field_no, _, _ in _proto_fields(data) if field_no == 1)
-    except Exception as e:
-        raise ModelArgsError(f"{where}: not a SentencePiece model ({e})") from None
 
 
 def tokenizer_vocab_size(path: str) -> int:
@@ -99,7 +90,12 @@ def tokenizer_vocab_size(path: str) -> int:
             return max(ids) + 1
         except (ValueError, KeyError, TypeError) as e:
             raise ModelArgsError(f"tokenizer_model: {file}: not a tokenizers JSON file ({e})") from None
-    return _spm_pieces(data, f"tokenizer_model: {file}")
+    from hubconv.tokenizers import _parse_spm
+
+    try:
+        return len(_parse_spm(Path(file)).pieces)
+    except HubconvError as e:
+        raise ModelArgsError(f"tokenizer_model: {e}") from None
 
 
 _EXTRACTED: list[str] = []
@@ -237,10 +233,19 @@ class MegatronAdapter(RuleAdapter):
             if user.get(k) is not None:
                 a[k] = user[k]
         a["target"] = MA.choose_target(a, where)
+        if user.get("tokenizer_model"):
+            found = str(user["tokenizer_model"])
+        sentencepiece = (
+            (found or "").endswith(".model")
+            or str(a.get("tokenizer_library") or "").lower() == "sentencepiece"
+            or a.get("tokenizer_type") in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer")
+        )
+        a["gpt_sw3_tokenizer"] = a["target"] == "gpt2" and sentencepiece  # GPT-SW3: GPT-2 + SentencePiece
         a["naming"], a["tensor_parallel"], a["pipeline_parallel"] = models.naming, models.tp, models.pp
         a["virtual_pipeline"], a["torch_dist"] = models.vp, models.stacked
         a["dtype"] = tensors[EMB].dtype.name
-        a.pop("tokenizer_member", None)
+        for k in ("tokenizer_member", "tokenizer_library"):
+            a.pop(k, None)
         if models.inv_freq is not None and a["position_embedding_type"] == "rope":
             from hubconv.native.megatron_gpt import check_inv_freq
 
@@ -305,12 +310,16 @@ class MegatronAdapter(RuleAdapter):
         plan.dropped.update(prepared.models.dropped)
         plan.dropped.update({k: entry_reason(k) or "not a parameter" for k in prepared.merged.dropped})
         plan.tokenizer = prepared.tokenizer
-        if prepared.args["keep_padded_vocab"]:
-            why = "kept as asked" if prepared.args["vocab_size"] else "the true vocabulary size is unknown"
-            plan.notes.append(
-                f"vocabulary: the {prepared.args['padded_vocab_size']} padded embedding rows are kept ({why}; "
-                "give vocab_size or tokenizer_model in --model-args to trim them)"
+        a = prepared.args
+        if a["keep_padded_vocab"]:
+            why = "kept as asked" if a["vocab_size"] else "the true vocabulary size is unknown"
+            reason = (
+                f"{a['padded_vocab_size']} padded vocabulary rows kept ({why}; give vocab_size or tokenizer_model "
+                "in --model-args to trim them)"
             )
+            for t in plan.targets:
+                if t.name in ("transformer.wte.weight", "model.embed_tokens.weight", "lm_head.weight"):
+                    plan.lossy.setdefault(t.name, reason)
         return plan
 
     def model_tensors(self, ckpt: Checkpoint) -> dict[str, LazyTensor]:
@@ -346,6 +355,7 @@ class MegatronAdapter(RuleAdapter):
                 "attn_pdrop": 0.0,
                 "scale_attn_weights": True,
                 "tie_word_embeddings": a["tie_word_embeddings"],
+                **({"tokenizer_class": "GPTSw3Tokenizer"} if a.get("gpt_sw3_tokenizer") else {}),
             }
         config = {
             **common,
