@@ -211,7 +211,8 @@ def map_to_native(
             for t in out:
                 model.lossy[t.name] = "; ".join(rec.lossy) + " (inverse: " + _lossy_note(t, hf, rec) + ")"
             if not out:
-                model.dropped.update({t: f"{'; '.join(rec.lossy)}: no native tensor" for t in rec.targets})
+                why = f"{rec.rule.describe()}: the native model has no such tensor ({'; '.join(rec.lossy)})"
+                model.dropped.update({t: why for t in rec.targets})
             model.tensors.extend(out)
     leftovers = sorted(set(hf) - used)
     for key in leftovers:
