@@ -33,6 +33,7 @@ from hubconv.atomic import prepare_output, publish_dir, staging_dir
 from hubconv.dtypes import DType, parse_user_dtype
 from hubconv.errors import CheckpointError, HubconvError, MappingError, ModelArgsError
 from hubconv.import_formats import FORMATS, ImportFormat, NativeModel
+from hubconv.io.checkpoint import Checkpoint
 from hubconv.io.tensor import LazyTensor, nbytes
 
 REPORT = "import.json"
@@ -133,6 +134,32 @@ def download(repo: str, revision: str | None, endpoint: str | None) -> Source:
             raise HubconvError(f"--model {shown}: {where} refused HF_TOKEN (HTTP 401: invalid credentials)") from None
         raise HubconvError(f"--model {shown}: download from {where} failed: {_reason(e)}") from None
     return Source(path, repo, revision, os.path.basename(path))
+
+
+def open_hf(src: Source) -> Checkpoint:
+    """The HF model's safetensors, lazily. A Hub snapshot's files are symlinks into the cache repo's `blobs/`: each
+    must resolve inside that cache repo folder (`models--ns--name`), and is opened by its real path."""
+    from hubconv.io.checkpoint import open_checkpoint
+    from hubconv.io.paths import confined
+    from hubconv.io.safetensors_reader import open_safetensors
+
+    if src.commit is None:
+        return open_checkpoint(src.folder)
+    root = os.path.dirname(os.path.dirname(src.folder))
+    names = sorted(n for n in os.listdir(src.folder) if n.endswith(".safetensors"))
+    if not names:
+        raise CheckpointError(f"--model {src.model}: the repo has no *.safetensors weights")
+    merged = Checkpoint(path=src.folder, format="safetensors", tensors={})
+    for n in names:
+        rel = os.path.relpath(os.path.join(src.folder, n), root)
+        part = open_safetensors(confined(root, rel, f"{src.folder}/{n}: file"))
+        merged.closers.extend(part.closers)
+        for k, t in part.tensors.items():
+            if k in merged.tensors:
+                merged.close()
+                raise CheckpointError(f"{src.folder}: tensor {k!r} appears in more than one file")
+            merged.tensors[k] = t
+    return merged
 
 
 def read_config(folder: str) -> dict[str, Any]:
@@ -324,7 +351,6 @@ def import_model(
     progress: bool = True,
 ) -> ImportResult:
     """Import `model` (HF folder or Hub repo id[@rev]) into `output` in the adapter's native format."""
-    from hubconv.io.checkpoint import open_checkpoint
     from hubconv.model_args import load_args_file
 
     t0 = time.monotonic()
@@ -356,7 +382,7 @@ def import_model(
             f"config.json: model_type={config.get('model_type')!r} cannot be imported into {adapter.name} "
             f"(it imports {', '.join(fmt.model_types)})"
         )
-    with open_checkpoint(src.folder) as hf_ckpt:
+    with open_hf(src) as hf_ckpt:
         hf = hf_ckpt.tensors
         args = native_args(adapter, fmt, config, hf, user, tp, pp)
         native = map_to_native(adapter, fmt, hf, args)
