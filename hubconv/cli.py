@@ -123,6 +123,12 @@ def _add_smoke(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--positions", type=int, default=96, help="positions compared by the parity check (>= 64)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto (float32 when it fits), bfloat16, float16, float32")
+    p.add_argument(
+        "--load",
+        choices=("auto", "full", "stream"),
+        default="auto",
+        help="full: from_pretrained; stream: one layer in memory at a time; auto: full for small models (default)",
+    )
     p.add_argument("--json", action="store_true", help="print smoke.json to stdout")
     p.set_defaults(func=_cmd_smoke)
 
@@ -156,6 +162,7 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
         native=native,
         device=args.device,
         dtype=args.dtype,
+        load=args.load,
     )
     write_report(args.model_dir, report)
     if args.json:
@@ -273,6 +280,7 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-parity", action="store_true")
     s.add_argument("--positions", type=int)
     s.add_argument("--device")
+    s.add_argument("--load", choices=("auto", "full", "stream"), default="auto", help="as in `hubconv smoke --load`")
     h = p.add_argument_group("hub and card")
     h.add_argument("--repo-id")
     h.add_argument("--private", action="store_true", default=None)
@@ -288,8 +296,8 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--stream-upload",
         action="store_true",
-        help="upload each shard as soon as it is written and delete it locally (disk: about two shards); the "
-        "load/generate/parity checks are skipped since the model never exists locally",
+        help="upload each shard as soon as it is written and delete it locally (disk: about two shards); the smoke "
+        "test then runs the model layer by layer on the uploaded bytes (read through the conversion, sha256-checked)",
     )
     p.add_argument(
         "--local-hub",
@@ -406,7 +414,12 @@ def _cmd_release(args: argparse.Namespace) -> int:
             uploader = StreamingUploader(api, cfg.hub.repo_id)
         try:
             result = run_release(
-                cfg, overwrite=args.overwrite, progress=not (args.quiet or args.json), tag=args.tag, sink=uploader
+                cfg,
+                overwrite=args.overwrite,
+                progress=not (args.quiet or args.json),
+                tag=args.tag,
+                sink=uploader,
+                smoke_load=args.load,
             )
         except BaseException as e:
             if uploader is not None:

@@ -103,14 +103,17 @@ def run_release(
     progress: bool = True,
     tag: str | None = None,
     sink: ShardSink | None = None,
+    smoke_load: str = "auto",
 ) -> ReleaseResult:
     """Build the complete release folder at `cfg.output` (dry run: nothing leaves the machine).
 
     With `sink` (a streaming uploader) shards leave as soon as they are written and never all
-    exist locally, so the load/generate/parity checks cannot run here: they are reported as
-    skipped, and the target-architecture, tokenizer and card checks still run."""
+    exist locally: the smoke test then runs the model layer by layer on the conversion plan's views,
+    each tensor checked against the sha256 of the bytes written into the uploaded shard
+    (hubconv.streamed_forward). `smoke_load`: auto, full or stream (`run_smoke`'s `load`)."""
     from hubconv.card import Provenance, write_card
-    from hubconv.smoke import Check, SmokeReport, render_markdown, run_smoke, write_report
+    from hubconv.smoke import render_markdown, run_smoke, write_report
+    from hubconv.streamed_forward import DigestingSink, plan_weights
 
     cfg.require("adapter", "checkpoint")
     assert cfg.adapter is not None and cfg.checkpoint is not None
@@ -122,6 +125,7 @@ def run_release(
     staging: str | None = None
     checks: list[StageCheck] = []
     started = time.time()
+    digests = DigestingSink(sink) if sink is not None else None
     try:
         staging = staging_dir(cfg.output, "release")
         shutil.rmtree(staging, ignore_errors=True)
@@ -133,7 +137,7 @@ def run_release(
             dtype=cfg.dtype,
             max_shard_size=cfg.max_shard_size,
             progress=progress,
-            sink=sink,
+            sink=digests,
             mapping=cfg.mapping,
             auto_tokenizer=False,  # written below, with the tokenizer settings of the config
             shown=lambda path: _shown(path, cfg),  # hubconv.json is published with the model
@@ -179,27 +183,23 @@ def run_release(
         native: tuple[str, ...] = (f"{conversion.adapter}:{conversion.family}", cfg.checkpoint)
         if cfg.mapping:
             native += (cfg.mapping,)
-        if sink is None:
-            smoke = run_smoke(
-                staging,
-                prompts=cfg.smoke.prompts,
-                max_new_tokens=cfg.smoke.max_new_tokens,
-                parity=cfg.smoke.parity,
-                positions=cfg.smoke.positions,
-                native=native,
-                device=cfg.smoke.device,
-                dtype=cfg.smoke.dtype,
-            )
-        else:
-            smoke = SmokeReport("warn", "none", "none", 0.0, {})
-            smoke.checks.append(
-                Check(
-                    "smoke",
-                    "warn",
-                    "skipped: streaming upload keeps at most two shards on disk, so the model is never loaded "
-                    "here; run `hubconv smoke` where it fits",
-                )
-            )
+        smoke_started = time.perf_counter()
+        smoke = run_smoke(
+            staging,
+            prompts=cfg.smoke.prompts,
+            max_new_tokens=cfg.smoke.max_new_tokens,
+            parity=cfg.smoke.parity,
+            positions=cfg.smoke.positions,
+            native=native,
+            device=cfg.smoke.device,
+            dtype=cfg.smoke.dtype,
+            load=smoke_load,
+            weights=None
+            if digests is None
+            else plan_weights(cfg.adapter, cfg.checkpoint, cfg.model_args, cfg.mapping, digests.tensors),
+        )
+        smoke.costs["smoke_seconds"] = round(time.perf_counter() - smoke_started, 3)
+        smoke.costs["convert_seconds"] = round(conversion.seconds, 3)
         write_report(staging, smoke)
         checks += [StageCheck("smoke", c.name, c.status, c.detail) for c in smoke.checks]
         result = ReleaseResult(cfg.output, conversion, {}, checks, smoke.status, render_markdown(smoke))

@@ -11,19 +11,24 @@ Checks, each recorded in `smoke.json` (published with the model) and `smoke.md`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hubconv import __version__
 from hubconv.checks import Check
 from hubconv.config import Prompt
 from hubconv.errors import HubconvError
+
+if TYPE_CHECKING:
+    from hubconv.streamed_forward import WeightSource
 
 # Parity bound. The converted model runs in the smoke dtype while the native reference runs in float32,
 # so a correct conversion differs by rounding only: about the dtype's epsilon, relative to the logits'
@@ -61,6 +66,8 @@ class Generation:
     tokens_per_second: float
     expect: str | None
     passed: bool
+    seconds: float = 0.0
+    requested_tokens: int = 0  # max_new_tokens asked for, when a streamed run of a large model generated fewer
 
 
 @dataclass
@@ -74,6 +81,9 @@ class Parity:
     passed: bool
     near_ties: int = 0  # top-1 disagreements excused as near-ties (counted as agreements)
     max_position: int = 0  # largest position id compared
+    seconds: float = 0.0  # the converted model's forward over the compared positions
+    tokens_per_second: float = 0.0  # positions / seconds
+    reference_seconds: float = 0.0  # the native reference forward
 
     @property
     def margin(self) -> float:
@@ -92,9 +102,25 @@ class SmokeReport:
     parity: Parity | None = None
     checks: list[Check] = field(default_factory=list)
     hubconv_version: str = __version__
+    # How transformers ran the model: "full" (from_pretrained), "files" (streamed layer by layer from the
+    # safetensors files) or "plan" (streamed from the conversion plan: the uploaded bytes); see MODES_TEXT.
+    mode: str = "full"
+    mode_detail: str = ""
+    costs: dict[str, float] = field(default_factory=dict)  # seconds, bytes read, passes over the weights
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Streamed generation reads every layer once per new token: for large models it stays short (parity, one
+# pass over many positions, is the thorough check).
+STREAM_LARGE_BYTES = 256 * 2**20
+STREAM_GENERATION_TOKENS = 8
+MODES_TEXT = {
+    "full": "full load (from_pretrained)",
+    "files": "streamed layer by layer from the safetensors files",
+    "plan": "streamed layer by layer from the conversion plan (the uploaded bytes, sha256-checked)",
+}
 
 
 def _pick_device(device: str) -> str:
@@ -115,13 +141,14 @@ def _pick_dtype(model_dir: str, dtype: str, device: str) -> str:
         os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir) if n.endswith(".safetensors")
     )
     scale = 4 / (2 if stored in ("bfloat16", "float16") else 4)
-    if device == "cpu":
-        avail = _mem_available()
-    else:
-        import torch
-
-        avail = torch.cuda.mem_get_info()[0]
+    avail = _mem_available() if device == "cpu" else _cuda_free()
     return "float32" if weight_bytes * scale < 0.4 * avail else stored
+
+
+def _cuda_free() -> int:
+    import torch
+
+    return int(torch.cuda.mem_get_info()[0])
 
 
 def _mem_available() -> int:
@@ -200,19 +227,67 @@ def run_smoke(
     native: tuple[str, ...] | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    load: str = "auto",
+    weights: Callable[[], AbstractContextManager[WeightSource]] | None = None,
+    progress: bool | None = None,
 ) -> SmokeReport:
-    """Run every check on `model_dir`; `native` = (adapter spec, checkpoint[, mapping file]) enables parity."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Run every check on `model_dir`; `native` = (adapter spec, checkpoint[, mapping file]) enables parity.
 
+    `load`: "full" loads the model with `from_pretrained`; "stream" runs it one module at a time
+    (hubconv.streamed_forward); "auto" full-loads small models and streams the rest. `weights` opens the
+    converted tensors when they are not files in `model_dir` (`release --stream-upload`: the conversion
+    plan's views, `streamed_forward.plan_weights`), which implies streaming. `progress`: line-based progress of
+    passes over the weights (default: for large models)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hubconv.progress_bars import quiet_library_progress_bars
+    from hubconv.streamed_forward import FileWeights, choose_mode, weights_bytes
 
     quiet_library_progress_bars()
 
     if positions < 64:
         raise HubconvError("smoke: parity needs at least 64 positions (layout bugs hide in short contexts)")
     device = _pick_device(device)
+    if weights is not None and load == "full":
+        raise HubconvError(
+            "smoke: the weights are not files in the folder (streamed upload): they cannot be fully loaded"
+        )
+    opener = weights or (lambda: contextlib.closing(FileWeights(model_dir)))
+    with opener() as source:
+        avail = _mem_available() if device == "cpu" else _cuda_free()
+        mode = "stream" if weights is not None else choose_mode(load, weights_bytes(source, "float32"), avail)
+        if mode == "stream":
+            from hubconv.streamed_forward import StreamUnsupported
+
+            try:
+                return _run_streamed(
+                    model_dir, source, prompts, max_new_tokens, parity, positions, native, device, dtype, progress
+                )
+            except StreamUnsupported as e:
+                if weights is not None or load == "stream":
+                    raise
+                fallback = f"streamed verification unsupported ({e}): loaded fully"
+        else:
+            fallback = ""
+    report = _run_full(model_dir, prompts, max_new_tokens, parity, positions, native, device, dtype)
+    if fallback:
+        report.checks.insert(0, Check("load mode", "warn", fallback))
+    return report
+
+
+def _run_full(
+    model_dir: str,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    parity: bool,
+    positions: int,
+    native: tuple[str, ...] | None,
+    device: str,
+    dtype: str,
+) -> SmokeReport:
+    """The whole model loaded with `from_pretrained`, as users load it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     dtype = _pick_dtype(model_dir, dtype, device)
     start = time.perf_counter()
     try:
@@ -224,12 +299,128 @@ def run_smoke(
     model.to(device).eval()
     load_seconds = time.perf_counter() - start
     loading = {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs"}
-    report = SmokeReport("pass", device, dtype, round(load_seconds, 3), loading)
-    problems = {k: v for k, v in loading.items() if v}
-    report.checks.append(
-        Check("load", "fail" if problems else "pass", f"{problems}" if problems else f"loaded in {load_seconds:.2f}s")
+    report = SmokeReport(
+        "pass", device, dtype, round(load_seconds, 3), loading, mode="full", mode_detail=MODES_TEXT["full"]
     )
+    report.costs["load_seconds"] = round(load_seconds, 3)
 
+    def generate(ids: Any, n: int) -> tuple[Any, bool]:
+        with torch.no_grad():
+            out = model.generate(
+                ids.to(device),
+                max_new_tokens=n,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None else None,
+            )
+        return out.sequences[0, ids.shape[1] :], all(bool(torch.isfinite(s).all()) for s in out.scores)
+
+    def logits(tokens: Any, pos: Any) -> Any:
+        with torch.no_grad():
+            return model(tokens.to(device), position_ids=pos[None].to(device)).logits
+
+    _run_checks(report, model, model_dir, prompts, max_new_tokens, parity, positions, native, generate, logits)
+    return report
+
+
+def _run_streamed(
+    model_dir: str,
+    source: WeightSource,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    parity: bool,
+    positions: int,
+    native: tuple[str, ...] | None,
+    device: str,
+    dtype: str,
+    progress: bool | None,
+) -> SmokeReport:
+    """The model's own forward with one decoder layer (or embedding, norm, head) in memory at a time."""
+    from hubconv.streamed_forward import StreamedModel
+
+    dtype = "float32" if dtype == "auto" else dtype  # one layer at a time: float32 fits, and parity is exact
+    start = time.perf_counter()
+    streamed = StreamedModel(model_dir, source, dtype=dtype, device=device, progress=progress)
+    try:
+        load_seconds = time.perf_counter() - start
+        mode = source.kind
+        report = SmokeReport(
+            "pass",
+            device,
+            dtype,
+            round(load_seconds, 3),
+            streamed.loading_info,
+            mode=mode,
+            mode_detail=MODES_TEXT[mode],
+        )
+        report.costs["load_checks_seconds"] = round(load_seconds, 3)
+        if any(streamed.loading_info.values()):  # a forward over missing or misshapen weights proves nothing
+            problems = {k: v for k, v in streamed.loading_info.items() if v}
+            report.checks.append(Check("load", "fail", f"{problems}"))
+            report.checks.append(Check("generate", "fail", "not run: the load check failed"))
+            report.status = "fail"
+            return report
+
+        stored, requested = sum(t.nbytes for t in source.tensors.values()), max_new_tokens
+        if stored >= STREAM_LARGE_BYTES and max_new_tokens > STREAM_GENERATION_TOKENS:
+            max_new_tokens = STREAM_GENERATION_TOKENS  # recorded per generation (requested_tokens)
+
+        def generate(ids: Any, n: int) -> tuple[Any, bool]:
+            return streamed.generate(ids, n, _eos_ids(streamed.model.generation_config))
+
+        _run_checks(
+            report, streamed.model, model_dir, prompts, max_new_tokens, parity, positions, native, generate,
+            streamed.logits, requested,
+        )  # fmt: skip
+        verified = getattr(source, "verified", None)
+        if verified is not None:
+            report.checks.append(
+                Check(
+                    "uploaded bytes",
+                    "pass",
+                    f"{len(verified)} tensors read through the conversion plan match the sha256 of the uploaded shards",
+                )
+            )
+        s = streamed.stats
+        report.costs.update(
+            {
+                "passes": s.passes,
+                "bytes_read": s.bytes_loaded,
+                "weights_read_seconds": round(s.load_seconds, 3),
+                "largest_module_bytes": s.peak_group_bytes,
+                "modules": s.groups,
+            }
+        )
+        return report
+    finally:
+        streamed.close()
+
+
+def _run_checks(
+    report: SmokeReport,
+    model: Any,
+    model_dir: str,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    parity: bool,
+    positions: int,
+    native: tuple[str, ...] | None,
+    generate: Callable[[Any, int], tuple[Any, bool]],
+    logits: Callable[[Any, Any], Any],
+    requested_tokens: int = 0,
+) -> None:
+    """Load, special tokens, generation and parity checks, appended to `report` (status set last)."""
+    from transformers import AutoTokenizer
+
+    problems = {k: v for k, v in report.loading_info.items() if v}
+    report.checks.append(
+        Check(
+            "load",
+            "fail" if problems else "pass",
+            f"{problems}" if problems else f"loaded in {report.load_seconds:.2f}s",
+        )
+    )
     tokenizer = None
     if os.path.exists(os.path.join(model_dir, "tokenizer_config.json")) or os.path.exists(
         os.path.join(model_dir, "tokenizer.json")
@@ -240,13 +431,23 @@ def run_smoke(
 
     report.checks.append(_special_tokens_check(model, tokenizer))
     for p in prompts:
-        report.generations.append(_generate(model, tokenizer, p, max_new_tokens, device))
+        report.generations.append(_generate(model, tokenizer, p, max_new_tokens, generate))
+        if requested_tokens > max_new_tokens:
+            report.generations[-1].requested_tokens = requested_tokens
     for g in report.generations:
         status = "pass" if g.passed else "fail"
-        report.checks.append(Check(f"generate {g.prompt!r}", status, f"{g.new_tokens} tokens, {g.tokens_per_second}/s"))
+        short = f" (of {g.requested_tokens}: streamed, each token reads every layer)" if g.requested_tokens else ""
+        report.checks.append(
+            Check(f"generate {g.prompt!r}", status, f"{g.new_tokens} tokens{short}, {g.tokens_per_second}/s")
+        )
+    if report.generations:
+        report.costs["generation_seconds"] = round(sum(g.seconds for g in report.generations), 3)
+        report.costs["generation_tokens_per_second"] = round(
+            sum(g.new_tokens for g in report.generations) / max(report.costs["generation_seconds"], 1e-9), 2
+        )
 
     if parity and native is not None:
-        report.parity = _parity(model, native, model_dir, positions, device, dtype)
+        report.parity = _parity(model, native, model_dir, positions, report.dtype, logits)
         p = report.parity
         if p is None:
             report.checks.append(Check("parity", "warn", "the adapter has no reference forward: parity skipped"))
@@ -260,10 +461,17 @@ def run_smoke(
                 + ("" if p.passed else f"; first divergent position {p.first_divergent_position}")
             )
             report.checks.append(Check("parity", "pass" if p.passed else "fail", detail))
+            report.costs["parity_seconds"] = p.seconds
+            report.costs["parity_reference_seconds"] = p.reference_seconds
+            report.costs["parity_tokens_per_second"] = p.tokens_per_second
     elif parity:
         report.checks.append(Check("parity", "warn", "native checkpoint not given: parity skipped"))
     report.status = "fail" if any(c.status == "fail" for c in report.checks) else "pass"
-    return report
+
+
+def _eos_ids(gen: Any) -> set[int]:
+    eos = gen.eos_token_id
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}
 
 
 def _special_tokens_check(model: Any, tokenizer: Any) -> Check:
@@ -287,7 +495,9 @@ def _special_tokens_check(model: Any, tokenizer: Any) -> Check:
     return Check("special tokens", "pass", f"bos {gen.bos_token_id}, eos {gen.eos_token_id}")
 
 
-def _generate(model: Any, tokenizer: Any, p: Prompt, max_new_tokens: int, device: str) -> Generation:
+def _generate(
+    model: Any, tokenizer: Any, p: Prompt, max_new_tokens: int, generate: Callable[[Any, int], tuple[Any, bool]]
+) -> Generation:
     import torch
 
     if tokenizer is not None:
@@ -295,20 +505,9 @@ def _generate(model: Any, tokenizer: Any, p: Prompt, max_new_tokens: int, device
     else:
         bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
         ids = torch.tensor([[bos]])
-    ids = ids.to(device)
     start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None else None,
-        )
+    new, finite = generate(ids, max_new_tokens)
     seconds = time.perf_counter() - start
-    new = out.sequences[0, ids.shape[1] :]
-    finite = all(torch.isfinite(s).all() for s in out.scores)
     if tokenizer is not None:
         text = tokenizer.decode(new, skip_special_tokens=True)
     else:
@@ -318,10 +517,19 @@ def _generate(model: Any, tokenizer: Any, p: Prompt, max_new_tokens: int, device
         passed = False
     if not finite:
         text = f"[non-finite logits] {text}"
-    return Generation(p.prompt, text, len(new), round(len(new) / max(seconds, 1e-9), 1), p.expect, bool(passed))
+    return Generation(
+        p.prompt, text, len(new), round(len(new) / max(seconds, 1e-9), 1), p.expect, bool(passed), round(seconds, 3)
+    )
 
 
-def _parity(model: Any, native: tuple[str, ...], model_dir: str, positions: int, device: str, dtype: str):
+def _parity(
+    model: Any,
+    native: tuple[str, ...],
+    model_dir: str,
+    positions: int,
+    dtype: str,
+    logits: Callable[[Any, Any], Any],
+) -> Parity | None:
     import torch
 
     from hubconv.convert import load_adapter
@@ -338,13 +546,20 @@ def _parity(model: Any, native: tuple[str, ...], model_dir: str, positions: int,
                 f"model's {model.config.max_position_embeddings} positions: pass --positions (>= 64) that fits"
             )
         pos = torch.arange(positions)
+    start = time.perf_counter()
     with adapter.open(native[1]) as ckpt:
         ref = adapter.reference_logits(ckpt, native_args, tokens, pos)
     if ref is None:
         return None
-    with torch.no_grad():
-        got = model(tokens.to(device), position_ids=pos[None].to(device)).logits
-    return compare_logits(ref, got, dtype, int(model.config.num_hidden_layers), int(pos[-1]))
+    reference_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    got = logits(tokens, pos)
+    seconds = time.perf_counter() - start
+    result = compare_logits(ref, got, dtype, int(model.config.num_hidden_layers), int(pos[-1]))
+    result.seconds = round(seconds, 3)
+    result.reference_seconds = round(reference_seconds, 3)
+    result.tokens_per_second = round(positions / max(seconds, 1e-9), 1)
+    return result
 
 
 def write_report(model_dir: str, report: SmokeReport) -> tuple[str, str]:
