@@ -673,6 +673,14 @@ def _status(value: Any) -> str:
     return _STATUS.get(value, md(value)) if isinstance(value, str) else md(value)
 
 
+_VERIFIED_BY = {
+    "full": "full load with `from_pretrained`",
+    "files": "streamed forward: transformers' own modules run one decoder layer at a time from the safetensors files",
+    "plan": "streamed forward on the uploaded bytes: transformers' own modules run one decoder layer at a time, "
+    "reading the conversion's output with each tensor's SHA-256 checked against the uploaded shards",
+}
+
+
 def _smoke_md(smoke: dict | None) -> str:
     if not smoke:
         return "No smoke test results (`smoke.json`) were found next to the weights."
@@ -685,6 +693,17 @@ def _smoke_md(smoke: dict | None) -> str:
     if isinstance(smoke.get("load_seconds"), int | float) and not isinstance(smoke.get("load_seconds"), bool):
         where.append(f"loaded in {smoke['load_seconds']:.2f} s")
     parts.append(f"**Smoke test:** {_status(smoke.get('status'))}" + (f" ({', '.join(where)})" if where else ""))
+    mode = smoke.get("mode", "full")  # reports from before streamed verification were all full loads
+    costs = smoke.get("costs") if isinstance(smoke.get("costs"), dict) else {}
+    spent = [
+        f"{label} {costs[key]:.2f} s"
+        for key, label in (("parity_seconds", "parity forward"), ("generation_seconds", "generation"))
+        if isinstance(costs.get(key), int | float) and not isinstance(costs.get(key), bool)
+    ]
+    parts.append(
+        f"**Verified by:** {_VERIFIED_BY[mode] if mode in _VERIFIED_BY else md(mode)}"
+        + (f" ({', '.join(spent)})" if spent else "")
+    )
 
     info = smoke.get("loading_info")
     if isinstance(info, dict):
@@ -694,7 +713,11 @@ def _smoke_md(smoke: dict | None) -> str:
             keys = keys if isinstance(keys, list) else [keys]
             shown = ", ".join(code(k) for k in keys[:5]) + (", …" if len(keys) > 5 else "")
             items.append(f"- {key.replace('_', ' ')}: {len(keys)}" + (f" ({shown})" if keys else ""))
-        parts.append("Loading with `from_pretrained`:\n\n" + "\n".join(items))
+        parts.append(
+            ("Loading with `from_pretrained`" if mode == "full" else "Load checks (transformers' loading routine)")
+            + ":\n\n"
+            + "\n".join(items)
+        )
 
     checks = smoke.get("checks")
     if isinstance(checks, list) and checks:
