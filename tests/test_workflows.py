@@ -106,9 +106,10 @@ def test_rule_catches_a_push_job_open_to_any_commenter() -> None:
 
 
 def test_every_example_workflow_is_documented_in_the_readme() -> None:
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    docs = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md"))]
+    text = "\n".join(open(path, encoding="utf-8").read() for path in docs)  # README or a docs/ page
     for path in glob.glob(os.path.join(ROOT, "examples", "workflows", "*.yml")):
-        assert f"examples/workflows/{os.path.basename(path)}" in readme, os.path.basename(path)
+        assert f"examples/workflows/{os.path.basename(path)}" in text, os.path.basename(path)
 
 
 # ------------------------------------------------------------------------------------------ this repository's release
@@ -201,7 +202,7 @@ def test_release_workflow_stages() -> None:
     release_run = "\n".join(str(s.get("run", "")) for s in jobs["release"]["steps"])
     assert 'scripts/pin-action-image.py "$PINNED"' in release_run
     assert "--generate-notes" in release_run and "--verify-tag" in release_run
-    assert jobs["pypi"]["environment"]["name"] == "pypi"
+    assert jobs["pypi"]["environment"] == "pypi"
     build = next(s for s in jobs["image"]["steps"] if s.get("id") == "build")["with"]
     assert build["sbom"] is True and build["provenance"] == "mode=max" and build["push"] is True
     assert "SETUPTOOLS_SCM_PRETEND_VERSION_FOR_HUBCONV" in build["build-args"]
