@@ -236,6 +236,8 @@ def map_to_native(
         else:
             out = fmt.lossy_inverse(rec, hf, args)
             for t in out:
+                if len(rec.targets) == 1 and rec.targets[0] in hf and t.shape == hf[rec.targets[0]].shape:
+                    continue  # nothing to re-add (e.g. a vocabulary already at its padded size)
                 model.lossy[t.name] = "; ".join(rec.lossy) + " (inverse: " + _lossy_note(t, hf, rec) + ")"
             if not out:
                 why = f"{rec.rule.describe()}: the native model has no such tensor ({'; '.join(rec.lossy)})"

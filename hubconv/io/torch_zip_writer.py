@@ -73,6 +73,13 @@ class TensorRef:
         return self.dtype or self.tensor.dtype
 
 
+@dataclass(frozen=True)
+class TorchDtype:
+    """A `torch.<name>` dtype value inside the object (e.g. Megatron's `args.params_dtype`)."""
+
+    name: str
+
+
 # ----------------------------------------------------------------------------------- pickle (protocol 2)
 
 
@@ -147,6 +154,8 @@ class _Pickle:
     def dump(self, obj: Any) -> None:
         if isinstance(obj, TensorRef):
             self._tensor(obj)
+        elif isinstance(obj, TorchDtype):
+            self._global("torch", obj.name)
         elif obj is None:
             self.out.append(b"N")
         elif obj is True or obj is False:
