@@ -1,9 +1,7 @@
 """hubconv: publish native LLM training checkpoints to the Hugging Face Hub as verified transformers models."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 try:
-    # Set at build time by setuptools-scm from the git tag (pyproject.toml [tool.setuptools_scm]).
-    __version__ = version("hubconv")
-except PackageNotFoundError:  # imported from a source tree that was never installed
+    # Written by setuptools-scm when the package is built or installed: the git tag's version (pyproject.toml).
+    from hubconv._version import __version__
+except ImportError:  # a source tree that was never built or installed
     __version__ = "0.0+unknown"

@@ -99,6 +99,9 @@ def test_sdist_holds_the_package_metadata_and_license_and_nothing_else(dists: di
     assert package_files() <= rel, sorted(package_files() - rel)
     assert not [n for n in rel if "__pycache__" in n or n.endswith(".pyc")]
     assert "hubconv/templates/modelcard.md.j2" in rel
+    with tarfile.open(dists["sdist"]) as tar:
+        version_file = tar.extractfile(f"{prefix}hubconv/_version.py").read().decode()
+    assert f"__version__ = version = '{TAG_VERSION}'" in version_file  # written by setuptools-scm, git-ignored
 
 
 def test_wheel_holds_every_module_and_the_templates_with_complete_metadata(dists: dict[str, Path]) -> None:
@@ -108,6 +111,7 @@ def test_wheel_holds_every_module_and_the_templates_with_complete_metadata(dists
         meta = Parser().parsestr(whl.read(f"{info}/METADATA").decode())
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
         assert whl.read(f"{info}/licenses/LICENSE") == Path(ROOT, "LICENSE").read_bytes()
+        assert f"__version__ = version = '{TAG_VERSION}'" in whl.read("hubconv/_version.py").decode()
     assert package_files() <= names, sorted(package_files() - names)
     assert {n.split("/")[0] for n in names} == {"hubconv", info}  # no tests, examples, benchmarks
     assert meta["Name"] == "hubconv" and meta["Version"] == TAG_VERSION
