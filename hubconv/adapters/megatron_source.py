@@ -98,6 +98,7 @@ _ENTRY_REASONS = {
     "loops": "Lightning loop state (training only)",
     "callbacks": "Lightning callback state (training only)",
     "hparams_name": "Lightning hyper-parameter name",
+    "hparams_type": "Lightning hyper-parameter container type",
     "hyper_parameters": "NeMo model configuration: converted into config.json",
     "lr_schedulers": "learning-rate scheduler state (training only)",
     "MixedPrecisionPlugin": "Lightning mixed-precision plugin state (training only)",
