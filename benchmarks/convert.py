@@ -185,16 +185,23 @@ def run(cmd: list[str]) -> tuple[float, int, int]:
 
 
 def bench_file_checkpoint(
-    script: str, adapter_args: list[str], sizes: list[float], repeats: int, workdir: str, hubconv: str
+    script: str,
+    adapter_args: list[str],
+    sizes: list[float],
+    repeats: int,
+    workdir: str,
+    hubconv: str,
+    name: str = "ckpt.pt",
 ) -> dict[str, object]:
     """Time `hubconv convert` of one-file checkpoints (`script --make PATH GB` builds each in a child process, so
     this process stays small) against `cp` of the same file, alternating, page cache warm; peak RSS of hubconv and
-    of its process tree. Prints a line per size and the RSS growth from the smallest to the largest."""
+    of its process tree. Prints a line per size and the RSS growth from the smallest to the largest. `name` is the
+    checkpoint's name in `workdir` (a file, or a folder that `cp -r` copies)."""
     results: dict[str, object] = {}
     try:
         for size in sizes:
             shutil.rmtree(workdir, ignore_errors=True)
-            ckpt = os.path.join(workdir, "ckpt.pt")
+            ckpt = os.path.join(workdir, name)
             made = subprocess.run([sys.executable, script, "--make", ckpt, str(size)], check=True, capture_output=True)
             n_layers = int(made.stdout.split()[-1])
             dst = os.path.join(workdir, "hf")
@@ -204,8 +211,8 @@ def bench_file_checkpoint(
             shutil.rmtree(dst)
             cp_t, hub_t, rss, tree = [], [], [], []
             for _ in range(repeats):
-                cp_t.append(run(["cp", ckpt, dst + ".pt"])[0])
-                os.remove(dst + ".pt")
+                cp_t.append(run(["cp", "-r", ckpt, dst + ".copy"])[0])
+                subprocess.run(["rm", "-rf", dst + ".copy"], check=True)
                 t, r, tr = run(cmd)
                 hub_t.append(t)
                 rss.append(r)
@@ -215,7 +222,7 @@ def bench_file_checkpoint(
             ratios = [h / c for h, c in zip(hub_t, cp_t, strict=True)]
             results[f"{size:g}GB"] = r_ = {
                 "n_layers": n_layers,
-                "checkpoint_bytes": os.path.getsize(ckpt),
+                "checkpoint_bytes": folder_bytes(ckpt) if os.path.isdir(ckpt) else os.path.getsize(ckpt),
                 "output_bytes": out_bytes,
                 "cp_median_s": round(statistics.median(cp_t), 3),
                 "hubconv_median_s": round(statistics.median(hub_t), 3),
@@ -238,12 +245,18 @@ def bench_file_checkpoint(
 
 
 def file_checkpoint_main(
-    doc: str | None, script: str, make: Callable[[str, float], int], adapter_args: list[str], workdir: str
+    doc: str | None,
+    script: str,
+    make: Callable[[str, float], int],
+    adapter_args: list[str],
+    workdir: str,
+    name: str = "ckpt.pt",
+    sizes: str = "0.5,2",
 ) -> int:
     """The command line of a one-file-checkpoint benchmark: `--sizes`, `--repeats`, `--workdir`, `--hubconv`, and
     the hidden child mode `--make PATH GB` that builds one checkpoint with `make` (returns its layer count)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="0.5,2", help="comma-separated checkpoint sizes in GB")
+    ap.add_argument("--sizes", default=sizes, help="comma-separated checkpoint sizes in GB")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=workdir)
     ap.add_argument("--hubconv", default=shutil.which("hubconv") or os.path.join(ROOT, ".venv", "bin", "hubconv"))
@@ -253,7 +266,7 @@ def file_checkpoint_main(
         print(make(a.make[0], float(a.make[1])))
         return 0
     sizes = [float(s) for s in a.sizes.split(",")]
-    results = bench_file_checkpoint(script, adapter_args, sizes, a.repeats, a.workdir, a.hubconv)
+    results = bench_file_checkpoint(script, adapter_args, sizes, a.repeats, a.workdir, a.hubconv, name)
     json.dump(results, sys.stdout, indent=2)
     print()
     return 0

@@ -66,6 +66,8 @@ CASES: dict[str, tuple[MegatronGPTConfig, int, Callable[[MegatronGPT, MegatronGP
     "llama-gqa-tp2-pp2": (llama_like(), 2, _legacy(2, 2)),
     "llama-gqa-legacy-tp2": (llama_like(), 2, _legacy(2, 1, naming="legacy")),
     "qwen2-style-qkv-bias-tp2": (llama_like(add_qkv_bias=True, num_layers=2), 2, _legacy(2, 1)),
+    "llama-rope-llama31-scaling": (llama_like(use_rope_scaling=True, rope_scaling_factor=8.0), 1, _legacy(1, 1)),
+    "llama-rope-linear-interpolation": (llama_like(rotary_seq_len_interpolation_factor=4.0), 2, _legacy(2, 1)),
     "llama-torch-dist-tp2": (llama_like(), 2, _dist(2)),
     "llama-torch-dist-swiglu-w-v": (llama_like(), 2, _dist(2, swiglu_split_keys=True)),
     "gpt2-torch-dist-tp2": (gpt2_like(), 2, _dist(2)),
@@ -141,6 +143,21 @@ def test_parity_through_convert(tmp_path: Path, capsys, name: str) -> None:
     with torch.no_grad():
         want = model(tokens, positions[None].expand_as(tokens))
     assert (ref - want).abs().max() <= 1e-4
+
+
+def test_rope_scaling_is_carried_into_rope_parameters(tmp_path: Path, capsys) -> None:
+    """Llama 3.1 scaling and linear interpolation become transformers' rope_parameters (parity above proves the
+    numbers); dropping them would change the logits, which is checked here as the negative control."""
+    for name, kind in (("llama-rope-llama31-scaling", "llama3"), ("llama-rope-linear-interpolation", "linear")):
+        model, ckpt = build(tmp_path, name)
+        out = tmp_path / f"hf-{name}"
+        rc, err = convert(ckpt, out, capsys, model_args={"vocab_size": 100})
+        assert rc == 0, err
+        config = json.loads((out / "config.json").read_text())
+        assert config["rope_parameters"]["rope_type"] == kind
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_parameters"]["rope_theta"]}
+        (out / "config.json").write_text(json.dumps(config))
+        assert max_diff(model, out)[0] > 1e-3
 
 
 def test_every_source_tensor_is_accounted_for(tmp_path: Path, capsys) -> None:

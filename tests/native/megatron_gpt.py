@@ -52,6 +52,9 @@ class MegatronGPTConfig:
     position_embedding_type: str = "learned_absolute"  # or "rope"
     rotary_base: int = 10000
     rotary_percent: float = 1.0
+    rotary_seq_len_interpolation_factor: float | None = None  # positions divided by it (linear scaling)
+    use_rope_scaling: bool = False  # Llama 3.1 frequency scaling (original context 8192, low 1, high 4)
+    rope_scaling_factor: float = 8.0
     normalization: str = "LayerNorm"  # or "RMSNorm"
     layernorm_epsilon: float = 1e-5
     activation: str = "gelu"  # see ACTIVATIONS
@@ -194,11 +197,27 @@ class Embedding(nn.Module):
             self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
 
+def llama31_scaled(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
+    """megatron-core RotaryEmbedding's Llama 3.1 scaling: long wavelengths divided by `factor`, short ones kept,
+    a smooth blend in between (original context 8192, low_freq_factor 1, high_freq_factor 4)."""
+    context, low, high = 8192.0, 1.0, 4.0
+    wavelength = 2 * math.pi / inv_freq
+    out = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    blend = (context / wavelength - low) / (high - low)
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(medium, (1 - blend) * out / factor + blend * out, out)
+
+
 def rope_tables(cfg: MegatronGPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [b, s, 1, rot_dim] for rotate-half RoPE at `positions` ([b, s])."""
     rot_dim = int(cfg.head_dim * cfg.rotary_percent)
     inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
-    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    if cfg.use_rope_scaling:
+        inv_freq = llama31_scaled(inv_freq, cfg.rope_scaling_factor)
+    pos = positions.to(torch.float32)
+    if cfg.rotary_seq_len_interpolation_factor:
+        pos = pos / cfg.rotary_seq_len_interpolation_factor
+    freqs = pos[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
     return emb.cos(), emb.sin()
 
