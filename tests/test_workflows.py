@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import subprocess
 
 import pytest
 import yaml
@@ -238,3 +239,111 @@ def test_dependabot_watches_actions_python_and_docker() -> None:
     dirs = {u["package-ecosystem"]: set(u.get("directories", [u.get("directory")])) for u in config["updates"]}
     assert dirs == {"github-actions": {"/"}, "pip": {"/", "/docker"}, "docker": {"/"}}
     assert os.path.exists(os.path.join(ROOT, "docker", "constraints.txt"))
+
+
+def release_step(job: str, name_start: str) -> dict:
+    steps = load(RELEASE)["jobs"][job]["steps"]
+    return next(s for s in steps if str(s.get("name", s.get("id", ""))).startswith(name_start))
+
+
+def run_step(script: str, env: dict[str, str], cwd: str) -> subprocess.CompletedProcess:
+    """A `run:` script as GitHub's runner runs it on Linux (bash -e -o pipefail)."""
+    full = {"PATH": os.environ["PATH"], "HOME": cwd, **env}
+    return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script], cwd=cwd, env=full,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tag", "outputs"),
+    [
+        ("v1.2.3", {"version": "1.2.3", "major": "v1", "prerelease": "false"}),
+        ("v0.4.0", {"version": "0.4.0", "major": "v0", "prerelease": "false"}),
+        ("v1.3.0rc1", {"version": "1.3.0rc1", "major": "v1", "prerelease": "true"}),
+        ("v1.2", None),
+        ("v1.2.3-beta.1", None),
+        ("v1", None),
+    ],
+)  # fmt: skip
+def test_release_meta_step_derives_version_major_and_image_or_refuses_the_tag(
+    tmp_path, tag: str, outputs: dict | None
+) -> None:
+    out = tmp_path / "output"
+    out.write_text("")
+    env = {"TAG": tag, "OWNER": "Hub-Conv", "GITHUB_OUTPUT": str(out)}
+    done = run_step(release_step("meta", "meta")["run"], env, str(tmp_path))
+    if outputs is None:
+        assert done.returncode == 1 and f"::error::tag {tag} is not" in done.stdout
+        return
+    assert done.returncode == 0, done.stderr
+    expected = {**outputs, "image": "ghcr.io/hub-conv/hubconv"}  # GHCR names are lower case
+    assert dict(line.split("=", 1) for line in out.read_text().splitlines()) == expected
+
+
+@pytest.mark.parametrize("prerelease", [False, True])
+def test_release_commit_pins_action_yml_and_moves_the_version_and_major_tags(tmp_path, prerelease: bool) -> None:
+    """The release job's script against a local 'origin': the release commit is the tagged commit plus one line of
+    action.yml; the version tag (and the major tag, except for a pre-release) point at it; main is untouched."""
+    import shutil
+
+    tag, major = ("v1.3.0rc1", "v1") if prerelease else ("v1.2.3", "v1")
+    digest = "sha256:" + "ab" * 32
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "init.defaultBranch=main"]
+    origin, work = tmp_path / "origin.git", tmp_path / "work"
+
+    def g(*args: str, cwd=work) -> str:
+        return subprocess.run([*git, *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+    g("init", "-q", "--bare", str(origin), cwd=tmp_path)
+    g("init", "-q", str(work), cwd=tmp_path)
+    for rel in ("action.yml", "scripts/pin-action-image.py"):
+        os.makedirs(work / os.path.dirname(rel), exist_ok=True)
+        shutil.copy(os.path.join(ROOT, rel), work / rel)
+    g("add", "-A")
+    g("commit", "-q", "-m", "source")
+    g("tag", "-a", "v1.0.0", "-m", "old release")
+    g("tag", major, "v1.0.0")
+    g("tag", "-a", tag, "-m", "maintainer's tag")
+    g("remote", "add", "origin", str(origin))
+    g("push", "-q", "origin", "main", "--tags")
+    source = g("rev-parse", "HEAD")
+    old_major = g("rev-parse", f"{major}^{{commit}}")
+    g("checkout", "-q", "--detach", source)  # what actions/checkout leaves for a tag push
+    pinned = f"ghcr.io/hub-conv/hubconv@{digest}"
+    env = {"TAG": tag, "VERSION": tag[1:], "MAJOR": major, "PRERELEASE": str(prerelease).lower(), "PINNED": pinned,
+           "GITHUB_SHA": source}  # fmt: skip
+    done = run_step(release_step("release", "Release commit")["run"], env, str(work))
+    assert done.returncode == 0, done.stderr
+    release = g("rev-parse", f"refs/tags/{tag}^{{commit}}", cwd=origin)
+    assert release != source and g("rev-parse", f"{release}^", cwd=origin) == source
+    assert g("diff", "--name-only", source, release, cwd=origin) == "action.yml"
+    diff = g("diff", "-U0", source, release, cwd=origin)
+    assert "-  image: Dockerfile" in diff and f"+  image: docker://{pinned}" in diff
+    assert g("cat-file", "-t", f"refs/tags/{tag}", cwd=origin) == "tag"  # annotated
+    assert g("rev-parse", "refs/heads/main", cwd=origin) == source
+    expected_major = old_major if prerelease else release
+    assert g("rev-parse", f"refs/tags/{major}^{{commit}}", cwd=origin) == expected_major
+
+
+@pytest.mark.parametrize("prerelease", [False, True])
+def test_github_release_step_uses_generated_notes_and_attaches_the_assets(tmp_path, prerelease: bool) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "gh").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$GH_ARGS"\n')
+    (fake / "gh").chmod(0o755)
+    (tmp_path / "assets").mkdir()
+    for name in ("hubconv-1.2.3.tar.gz", "hubconv-1.2.3-py3-none-any.whl", "hubconv-image.spdx.json"):
+        (tmp_path / "assets" / name).write_text("x")
+    args_file = tmp_path / "args"
+    env = {"TAG": "v1.2.3", "VERSION": "1.2.3", "PRERELEASE": str(prerelease).lower(), "GH_ARGS": str(args_file),
+           "PINNED": "ghcr.io/o/hubconv@sha256:" + "0" * 64, "PATH": f"{fake}:{os.environ['PATH']}"}  # fmt: skip
+    step = release_step("release", "GitHub release")
+    done = run_step(step["run"], env, str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    args = args_file.read_text().splitlines()
+    assert args[:3] == ["release", "create", "v1.2.3"]
+    assert {"--verify-tag", "--generate-notes"} <= set(args) and ("--prerelease" in args) == prerelease
+    assert "ghcr.io/o/hubconv@sha256:" + "0" * 64 in args[args.index("--notes") + 1]
+    assert sorted(a for a in args if a.startswith("assets/")) == sorted(
+        f"assets/{n}" for n in ("hubconv-1.2.3.tar.gz", "hubconv-1.2.3-py3-none-any.whl", "hubconv-image.spdx.json")
+    )
+    assert step["env"] == {"GH_TOKEN": "${{ github.token }}"}
