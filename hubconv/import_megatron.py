@@ -38,7 +38,7 @@ from hubconv.import_formats import (
     register_format,
 )
 from hubconv.io.tensor import LazyTensor
-from hubconv.io.torch_zip_writer import TensorRef, TorchDtype, write_torch_file
+from hubconv.io.torch_zip_writer import TensorRef, torch_dtype, write_torch_file
 
 EMB, HEAD = "embedding.word_embeddings.weight", "output_layer.weight"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -263,7 +263,7 @@ def megatron_namespace(a: Mapping[str, Any], model: NativeModel, tokenizer: bool
         "tensor_model_parallel_size": a["tensor_model_parallel_size"],
         "pipeline_model_parallel_size": a["pipeline_model_parallel_size"],
         "virtual_pipeline_model_parallel_size": None,
-        "params_dtype": TorchDtype({"BF16": "bfloat16", "F16": "float16"}.get(dtype, "float32")),
+        "params_dtype": torch_dtype({"BF16": "bfloat16", "F16": "float16"}.get(dtype, "float32")),
         "bf16": dtype == "BF16",
         "fp16": dtype == "F16",
         "tokenizer_type": "HuggingFaceTokenizer" if tokenizer else None,

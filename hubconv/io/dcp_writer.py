@@ -2,22 +2,32 @@
 
 One `__0_0.distcp` file holds every tensor as one item (a small `torch.save` archive of the whole tensor, written
 in place by `hubconv.io.torch_zip_writer`, so nothing is held in memory but one block); `.metadata` is the
-pickled `Metadata` built from torch's own classes (`TensorStorageMetadata` per FQN, one chunk each,
-`MetadataIndex` -> `_StorageInfo(relative_path, offset, length)`, planner data `{fqn: (fqn,)}`, version
-"1.0.0"), so `torch.distributed.checkpoint.load(state_dict, checkpoint_id=folder)` fills a model's state dict
-directly, as TorchTitan's `initial_load_path` does.
+pickled `Metadata`, generated without importing torch (which would cost seconds of start-up) but naming torch's
+own classes with the state their pickles carry (`TensorStorageMetadata` per FQN, one chunk each, `MetadataIndex`
+-> `_StorageInfo(relative_path, offset, length)`, planner data `{fqn: (fqn,)}`, version "1.0.0"), so
+`torch.distributed.checkpoint.load(state_dict, checkpoint_id=folder)` fills a model's state dict directly, as
+TorchTitan's `initial_load_path` does.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from hubconv.errors import OutputError
 from hubconv.io.tensor import LazyTensor
-from hubconv.io.torch_zip_writer import TensorRef, TorchZip
+from hubconv.io.torch_zip_writer import (
+    Global,
+    Items,
+    NewObject,
+    Reduce,
+    TensorRef,
+    TorchZip,
+    pickle_object,
+    torch_dtype,
+)
 from hubconv.io.writer import _Copier
 
 DATA_FILE = "__0_0.distcp"
@@ -25,37 +35,42 @@ METADATA_FILE = ".metadata"
 DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VERSION
 
 
-def _metadata(items: Sequence[tuple[TensorRef, int, int]], save_id: str) -> bytes:
-    import torch
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (
-        ChunkStorageMetadata,
-        Metadata,
-        MetadataIndex,
-        StorageMeta,
-        TensorProperties,
-        TensorStorageMetadata,
-    )
+_MD = "torch.distributed.checkpoint.metadata"
 
-    state: dict[str, TensorStorageMetadata] = {}
-    storage: dict[MetadataIndex, _StorageInfo] = {}
+
+def _size(dims: Sequence[int]) -> Reduce:
+    return Reduce(Global("torch", "Size"), (tuple(dims),))
+
+
+def _obj(name: str, state: Any, module: str = _MD) -> NewObject:
+    return NewObject(Global(module, name), state)
+
+
+def _metadata(items: Sequence[tuple[TensorRef, int, int]], save_id: str) -> bytes:
+    """The pickled `Metadata`, generated without torch: the same classes and state torch's own pickle has
+    (dataclass `__dict__`s; `TensorProperties.__getstate__`'s tuple; `_StorageInfo` without None fields)."""
+    layout = Reduce(Global("torch.serialization", "_get_layout"), ("torch.strided",))
+    contiguous = Reduce(Global(_MD, "_MEM_FORMAT_ENCODING"), (0,))
+    state: dict[str, NewObject] = {}
+    storage: list[tuple[NewObject, NewObject]] = []
     for ref, offset, length in items:
-        name, shape = ref.tensor.name, torch.Size(ref.tensor.shape)
-        zeros = torch.Size([0] * len(shape))
-        state[name] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=getattr(torch, ref.out_dtype.torch_name)),
-            size=shape,
-            chunks=[ChunkStorageMetadata(offsets=zeros, sizes=shape)],
-        )
-        storage[MetadataIndex(fqn=name, offset=zeros, index=0)] = _StorageInfo(DATA_FILE, offset, length)
-    md = Metadata(
-        state_dict_metadata=state,
-        planner_data={name: (name,) for name in state},
-        storage_data=storage,
-        storage_meta=StorageMeta(save_id=save_id),
-        version=DCP_VERSION,
-    )
-    return pickle.dumps(md)
+        name, dims = ref.tensor.name, tuple(ref.tensor.shape)
+        zeros = _size([0] * len(dims))
+        props = _obj("TensorProperties", (torch_dtype(ref.out_dtype.torch_name), layout, False, contiguous, False))
+        chunk = _obj("ChunkStorageMetadata", {"offsets": zeros, "sizes": _size(dims)})
+        state[name] = _obj("TensorStorageMetadata", {"properties": props, "size": _size(dims), "chunks": [chunk]})
+        index = _obj("MetadataIndex", {"fqn": name, "offset": zeros, "index": 0})
+        info = {"relative_path": DATA_FILE, "offset": offset, "length": length}
+        storage.append((index, _obj("_StorageInfo", info, "torch.distributed.checkpoint.filesystem")))
+    meta = _obj("StorageMeta", {"checkpoint_id": None, "save_id": save_id, "load_id": None, "modules": []})
+    md = {
+        "state_dict_metadata": state,
+        "planner_data": {name: (name,) for name in state},
+        "storage_data": Items(storage),
+        "storage_meta": meta,
+        "version": DCP_VERSION,
+    }
+    return pickle_object(_obj("Metadata", md))[0]
 
 
 def write_dcp(

@@ -74,10 +74,36 @@ class TensorRef:
 
 
 @dataclass(frozen=True)
-class TorchDtype:
-    """A `torch.<name>` dtype value inside the object (e.g. Megatron's `args.params_dtype`)."""
+class Global:
+    """A module-level name (`torch.bfloat16`, a class) as a value inside the object."""
 
+    module: str
     name: str
+
+
+def torch_dtype(name: str) -> Global:
+    """`torch.<name>` (e.g. Megatron's `args.params_dtype`)."""
+    return Global("torch", name)
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """`func(*args)` at load time (`func` a `Global`), as `__reduce__` pickles torch.Size and enums."""
+
+    func: Global
+    args: tuple[Any, ...]
+
+
+class Items(tuple):
+    """A dict given as (key, value) pairs, for keys that are pickled objects (DCP's `MetadataIndex`)."""
+
+
+@dataclass(frozen=True)
+class NewObject:
+    """`cls.__new__(cls)` then `BUILD` with `state` (a dataclass's `__dict__`, or its `__getstate__` value)."""
+
+    cls: Global
+    state: Any
 
 
 # ----------------------------------------------------------------------------------- pickle (protocol 2)
@@ -154,8 +180,17 @@ class _Pickle:
     def dump(self, obj: Any) -> None:
         if isinstance(obj, TensorRef):
             self._tensor(obj)
-        elif isinstance(obj, TorchDtype):
-            self._global("torch", obj.name)
+        elif isinstance(obj, Global):
+            self._global(obj.module, obj.name)
+        elif isinstance(obj, Reduce):
+            self._global(obj.func.module, obj.func.name)
+            self._tuple(obj.args)
+            self.out.append(b"R")
+        elif isinstance(obj, NewObject):
+            self._global(obj.cls.module, obj.cls.name)
+            self.out.append(b")\x81")
+            self.dump(obj.state)
+            self.out.append(b"b")
         elif obj is None:
             self.out.append(b"N")
         elif obj is True or obj is False:
@@ -166,6 +201,9 @@ class _Pickle:
             self.out.append(b"G" + struct.pack(">d", obj))
         elif isinstance(obj, str):
             self._str(obj)
+        elif isinstance(obj, Items):
+            self.out.append(b"}")
+            self._pairs(list(obj))
         elif isinstance(obj, tuple):
             self._tuple(obj)
         elif isinstance(obj, list):
@@ -191,10 +229,13 @@ class _Pickle:
             raise OutputError(f"cannot store a {type(obj).__name__} in a torch file: {obj!r:.60}")
 
     def _items(self, d: Mapping[Any, Any]) -> None:
-        if not d:
+        self._pairs(list(d.items()))
+
+    def _pairs(self, pairs: list[tuple[Any, Any]]) -> None:
+        if not pairs:
             return
         self.out.append(b"(")
-        for k, v in d.items():
+        for k, v in pairs:
             self.dump(k)
             self.dump(v)
         self.out.append(b"u")
