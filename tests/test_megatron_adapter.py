@@ -24,6 +24,7 @@ from tests.helpers import hubconv
 from tests.native.megatron_gpt import MegatronGPT, MegatronGPTConfig, gpt2_like, llama_like
 from tests.native.megatron_save import (
     save_legacy,
+    save_legacy_virtual,
     save_nemo_archive,
     save_nemo_ckpt,
     save_torch_dist,
@@ -68,6 +69,16 @@ CASES: dict[str, tuple[MegatronGPTConfig, int, Callable[[MegatronGPT, MegatronGP
     "qwen2-style-qkv-bias-tp2": (llama_like(add_qkv_bias=True, num_layers=2), 2, _legacy(2, 1)),
     "llama-rope-llama31-scaling": (llama_like(use_rope_scaling=True, rope_scaling_factor=8.0), 1, _legacy(1, 1)),
     "llama-rope-linear-interpolation": (llama_like(rotary_seq_len_interpolation_factor=4.0), 2, _legacy(2, 1)),
+    "llama-virtual-pipeline-tp2-pp2-vp2": (
+        llama_like(num_layers=8),
+        2,
+        lambda m, c, p: (save_legacy_virtual(m, c, p, tp=2, pp=2, vp=2), str(p))[1],
+    ),
+    "gpt2-virtual-pipeline-tied-pp2-vp2": (
+        gpt2_like(num_layers=4),
+        1,
+        lambda m, c, p: (save_legacy_virtual(m, c, p, tp=1, pp=2, vp=2), str(p))[1],
+    ),
     "llama-torch-dist-tp2": (llama_like(), 2, _dist(2)),
     "llama-torch-dist-swiglu-w-v": (llama_like(), 2, _dist(2, swiglu_split_keys=True)),
     "gpt2-torch-dist-tp2": (gpt2_like(), 2, _dist(2)),

@@ -340,6 +340,25 @@ def save_legacy(
     return files
 
 
+def save_legacy_virtual(
+    model: MegatronGPT, cfg: MegatronGPTConfig, folder: str | Path, tp: int, pp: int, vp: int
+) -> None:
+    """A legacy checkpoint with virtual pipeline stages (interleaved schedule): each rank file holds `model0` ..
+    `model{vp-1}`, chunk v of stage p holding the (v * pp + p)-th block of layers, as Megatron assigns them."""
+    folder = Path(folder)
+    (folder / "latest_checkpointed_iteration.txt").parent.mkdir(parents=True, exist_ok=True)
+    (folder / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
+    args = megatron_args(cfg, tp, pp, virtual_pipeline_model_parallel_size=vp)
+    states: dict[tuple[int, int], dict[str, object]] = {}
+    for (rank, block), shard in sorted(shard_core(model, tp, pp * vp).items()):
+        v, stage = divmod(block, pp)
+        states.setdefault((rank, stage), {})[f"model{v}"] = to_core_spec(shard, "te")
+    for (rank, stage), chunks in states.items():
+        path = folder / f"iter_{ITERATION:07d}" / rank_folder(rank, stage, pp) / "model_optim_rng.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": ITERATION, **chunks}, path)
+
+
 # ---------------------------------------------------------------- NeMo (MegatronGPTModel) layouts
 
 
