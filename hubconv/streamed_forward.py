@@ -240,6 +240,15 @@ class DigestingSink:
     def flush(self) -> None:
         self.inner.flush()
 
+    def skip(self, path: str) -> bool:
+        """A shard another worker wrote and uploaded (sharded publishing, hubconv.workers): not written here; its
+        tensors' digests come from the inner sink (that worker's manifest)."""
+        skip = getattr(self.inner, "skip", None)
+        if skip is None or not skip(path):
+            return False
+        self.tensors.update(self.inner.tensor_digests(path))
+        return True
+
 
 # --- the streamed model -------------------------------------------------------------------------------
 

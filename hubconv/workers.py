@@ -21,6 +21,7 @@ import json
 import os
 import re
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,10 @@ class Layout:
 
     def sizes(self) -> dict[str, int]:
         return self.shards.file_sizes()
+
+    def tensors(self, filename: str) -> dict[str, tuple[str, list[int]]]:
+        """{tensor: (safetensors dtype, shape)} of a planned shard."""
+        return {k: (v["dtype"], v["shape"]) for k, v in self.header(filename).items() if k != "__metadata__"}
 
     def header(self, filename: str) -> dict[str, Any]:
         """The safetensors header of a planned shard, parsed (as `.hubconv/streamed.json` records it)."""
@@ -173,16 +178,23 @@ def run_worker(
 
     from hubconv.convert import convert
     from hubconv.hub import CONFIG_FIELDS, missing_lfs_objects, open_repo, preflight
+    from hubconv.streamed_forward import DigestingSink
 
     started = time.monotonic()
+    if not progress or not sys.stderr.isatty():  # a bar per uploaded shard is noise in CI logs
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     cfg.require_hub()
     preflight(cfg.hub.repo_id, endpoint=endpoint or cfg.hub.endpoint, token=token, fields=CONFIG_FIELDS)
     plan = layout(cfg)
     own = assigned(plan.filenames, index, count)
     api = open_repo(cfg.hub.repo_id, endpoint=endpoint or cfg.hub.endpoint, token=token, private=cfg.hub.private)
     uploader = None
+    written: dict[str, dict[str, Any]] = {}  # per-tensor digests of the shards, read back before each upload
     if own:
         uploader = _WorkerUploader(api, cfg.hub.repo_id, set(own))
+        digests = DigestingSink(uploader)
         with tempfile.TemporaryDirectory(prefix="hubconv-worker-", dir=work_dir) as scratch:
             try:
                 convert(
@@ -193,7 +205,7 @@ def run_worker(
                     dtype=cfg.dtype,
                     max_shard_size=cfg.max_shard_size,
                     progress=progress,
-                    sink=uploader,
+                    sink=digests,
                     mapping=cfg.mapping,
                     auto_tokenizer=False,
                 )
@@ -201,11 +213,17 @@ def run_worker(
                 uploader.abort()
                 raise
             operations = uploader.finish()
+        written = digests.tensors
     else:
         operations = []
     shards = sorted(
         (
-            {"file": op.path_in_repo, "size": op.upload_info.size, "sha256": op.upload_info.sha256.hex()}
+            {
+                "file": op.path_in_repo,
+                "size": op.upload_info.size,
+                "sha256": op.upload_info.sha256.hex(),
+                "tensors": {name: written[name] for name in plan.tensors(op.path_in_repo)},
+            }
             for op in operations
         ),
         key=lambda s: s["file"],
@@ -248,6 +266,9 @@ class _WorkerUploader(StreamingUploader):
     def skip(self, path: str) -> bool:
         return os.path.basename(path) not in self.own
 
+    def tensor_digests(self, path: str) -> dict[str, dict[str, Any]]:
+        return {}  # another worker's shard: its manifest carries them
+
 
 @dataclass
 class Manifest:
@@ -278,8 +299,10 @@ def _read_manifest(path: str) -> Manifest:
         raise HubconvError(f"{path}: `worker` must name its place as index (1..count) and count")
     for s in shards:
         ok = isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("size"), int)
-        if not ok or not re.fullmatch(r"[0-9a-f]{64}", str(s.get("sha256"))):
-            raise HubconvError(f"{path}: every shard needs a file name, a size and a sha256 (64 hex digits)")
+        if not ok or not re.fullmatch(r"[0-9a-f]{64}", str(s.get("sha256"))) or not isinstance(s.get("tensors"), dict):
+            raise HubconvError(
+                f"{path}: every shard needs a file name, a size, a sha256 (64 hex digits) and its tensors' digests"
+            )
     return Manifest(path, index, count, shards, doc)
 
 
@@ -328,6 +351,9 @@ def read_manifests(manifest_dir: str, plan: Layout, repo_id: str) -> list[Manife
         for s in m.shards:
             if s["size"] != sizes[s["file"]]:
                 raise HubconvError(f"{m.path}: {s['file']} has {s['size']} bytes, the plan {sizes[s['file']]}")
+            listed = {k: (v.get("dtype"), v.get("shape")) for k, v in s["tensors"].items() if isinstance(v, dict)}
+            if listed != plan.tensors(s["file"]):
+                raise HubconvError(f"{m.path}: the tensors listed for {s['file']} are not the planned ones")
     return [manifests[i] for i in sorted(manifests)]
 
 
@@ -358,6 +384,11 @@ class ManifestSink:
         with open(record_path, "w") as f:
             json.dump(records, f)
         return True
+
+    def tensor_digests(self, path: str) -> dict[str, dict[str, Any]]:
+        """Per-tensor dtype, shape and sha256 of a shard as its worker read them back before uploading it: the
+        streamed verification checks the conversion it reads against them (`hubconv.streamed_forward`)."""
+        return self.records[os.path.basename(path)]["tensors"]
 
     def reserve(self) -> None:
         raise HubconvError("sharded publishing: the final step writes no shard")
