@@ -164,7 +164,9 @@ def reference_logits(
                     if groups % tp == 0:
                         q, k, v = _qkv_rows(out, a, heads // tp, groups // tp)
                     else:  # fewer groups than ranks: ranks hold slices of the global fused rows
-                        raise MappingError("reference forward: fewer query groups than tensor-parallel ranks")
+                        raise MappingError(  # megatron-core itself requires whole groups per rank
+                            "reference forward: fewer query groups than tensor-parallel ranks"
+                        )
                     if rope is not None:
                         q, k = _rope(q, *rope), _rope(k, *rope)
                     rep = q.shape[2] // k.shape[2]
