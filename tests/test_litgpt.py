@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,10 @@ CASES: dict[str, tuple[M.Config, dict[str, Any], bool, str]] = {
     "mistral-sliding-window": (M.llama_like(sliding_window_size=24), {}, False, "mistral"),
     "qwen2-tied": (M.qwen2_like(), {}, True, "qwen2"),
     "qwen2-legacy-pretrain": (M.qwen2_like(n_query_groups=2), {"legacy": True, "pretrain": True}, False, "qwen2"),
+    "gemma-tied": (M.gemma_like(), {}, True, "gemma"),
+    "gemma-gqa-legacy": (M.gemma_like(n_query_groups=2), {"legacy": True}, False, "gemma"),
+    "phi": (M.phi_like(), {}, False, "phi"),
+    "phi-legacy-pretrain": (M.phi_like(rotary_percentage=0.5), {"legacy": True, "pretrain": True}, False, "phi"),
     "pythia": (M.pythia_like(), {}, False, "gpt_neox"),
     "pythia-legacy": (M.pythia_like(), {"legacy": True}, False, "gpt_neox"),
     "pythia-sequential-pretrain": (M.pythia_like(parallel_residual=False), {"pretrain": True}, False, "gpt_neox"),
@@ -110,6 +115,8 @@ def test_parity_with_litgpt(tmp_path: Path, case: str) -> None:
     if save.get("pretrain"):
         assert {"iter_num", "step_count", "train_dataloader", "optimizer.param_groups"} <= set(record["dropped"])
         assert any(k.startswith("optimizer.state.") for k in record["dropped"])
+    if model_type == "phi":
+        assert record["lossy"]["lm_head.bias"] == record["lossy"]["lm_head.weight"]  # both trimmed
     if model_type == "gpt_neox":
         assert hf["use_parallel_residual"] is config.parallel_residual
         assert hf["rope_parameters"]["partial_rotary_factor"] == config.rotary_percentage
@@ -120,7 +127,8 @@ def test_parity_with_litgpt(tmp_path: Path, case: str) -> None:
 
 def test_streamed_reference_matches_litgpt(tmp_path: Path) -> None:
     """hubconv's own reference forward (used by smoke parity) against LitGPT's model, each family and layout."""
-    for name in ("llama-gqa-legacy", "qwen2-tied", "pythia", "mistral-sliding-window", "llama31-rope-tied"):
+    names = ["llama-gqa-legacy", "qwen2-tied", "pythia", "mistral-sliding-window", "llama31-rope-tied", "gemma-tied"]
+    for name in [*names, "phi-legacy-pretrain"]:
         config, save, tie, _ = CASES[name]
         model = M.build(config, seed=5)
         if tie:
@@ -171,8 +179,19 @@ def test_legacy_layout_read_as_current_fails(tmp_path: Path) -> None:
         ("pythia", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}}),
         ("pythia", {"hidden_act": "gelu_new"}),
         ("pythia", {"use_parallel_residual": False}),
+        ("gemma-tied", {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}),
+        ("phi", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}}),
     ],
-    ids=["no-sliding-window", "no-llama3-scaling", "no-condense", "full-rotary", "gelu-tanh", "sequential"],
+    ids=[
+        "no-sliding-window",
+        "no-llama3-scaling",
+        "no-condense",
+        "full-rotary",
+        "gelu-tanh",
+        "sequential",
+        "gemma-as-llama",
+        "phi-full-rotary",
+    ],
 )
 def test_each_config_setting_matters(tmp_path: Path, case: str, change: dict) -> None:
     """Negative controls: undoing one translated setting in config.json breaks parity, so each one is needed."""
@@ -288,7 +307,7 @@ def test_model_config_from_model_args(tmp_path: Path) -> None:
     model = M.build(M.qwen2_like(), seed=2)
     folder = Path(M.save(model, str(tmp_path / "ckpt"), config=False))
     cfg = tmp_path / "model_config.yaml"
-    cfg.write_text(yaml.dump(__import__("dataclasses").asdict(model.config)))
+    cfg.write_text(yaml.dump(asdict(model.config)))
     record = _cli_convert(folder, tmp_path / "hf", None, "--model-args", str(cfg))
     assert record["native_args"]["family"] == "qwen2"
     assert _hf_parity(model, tmp_path / "hf").ok
@@ -300,8 +319,14 @@ REFUSAL_CASES = {
         M.llama_like(rope_adjustments={"factor": 4.0, "beta_fast": 32, "beta_slow": 1, "original_max_seq_len": 64}),
         r"YaRN",
     ),
-    "gemma-name": (M.llama_like(name="Gemma-2b"), r"Gemma config .*adds 1 to its weight"),
-    "shared-attention-norm": (M.pythia_like(shared_attention_norm=True), r"shared attention norm"),
+    "gemma-name-only": (M.llama_like(name="Gemma-2b"), r"scale_embeddings, mlp_class_name: only the whole Gemma"),
+    "gemma-unscaled": (M.gemma_like(scale_embeddings=False), r"scale_embeddings: only the whole Gemma combination"),
+    "shared-norm-sequential": (M.phi_like(parallel_residual=False), r"parallel_residual only"),
+    "phi-without-head-bias": (M.phi_like(lm_head_bias=False), r"Phi has biases everywhere, lm_head included"),
+    "llama-head-bias": (M.llama_like(lm_head_bias=True), r"lm_head_bias: a bias on lm_head exists in Phi-style"),
+    "olmo": (M.pythia_like(name="OLMo-1B"), r"OLMo config"),
+    # GemmaConfig rewrites hidden_act "gelu" to the tanh approximation: exact GELU cannot be expressed
+    "gemma-exact-gelu": (M.gemma_like(gelu_approximate="none"), r"GemmaForCausalLM always uses the tanh GELU"),
     "partial-rotary-llama": (M.llama_like(rotary_percentage=0.5), r"rotary_percentage=0\.5"),
     "gqa-neox": (M.pythia_like(n_query_groups=2), r"GPT-NeoX has no grouped-query attention"),
     "parallel-llama": (M.llama_like(parallel_residual=True), r"parallel-residual LLaMAMLP"),
@@ -319,7 +344,7 @@ def test_refused_configs(tmp_path: Path, case: str) -> None:
     config, pattern = REFUSAL_CASES[case]
     base = M.pythia_like() if config.mlp_class_name == "GptNeoxMLP" else M.llama_like()
     folder = Path(M.save(M.build(base, seed=1), str(tmp_path / "ckpt"), config=False))
-    (folder / "model_config.yaml").write_text(yaml.dump(__import__("dataclasses").asdict(config)))
+    (folder / "model_config.yaml").write_text(yaml.dump(asdict(config)))
     message = _fails(tmp_path, folder, pattern)
     assert "model_config.yaml" in message
 
@@ -334,14 +359,14 @@ def test_refusal_table_is_documented() -> None:
 # ------------------------------------------------------------------------------------------------ round trip
 
 
-@pytest.mark.parametrize("case", ["llama-gqa", "llama-gqa-legacy", "qwen2-legacy-pretrain", "pythia", "pythia-legacy",
-                                  "neox-tanh-no-bias"])  # fmt: skip
+@pytest.mark.parametrize("case", ["llama-gqa", "llama-gqa-legacy", "qwen2-legacy-pretrain", "gemma-gqa-legacy",
+                                  "phi-legacy-pretrain", "pythia", "pythia-legacy", "neox-tanh-no-bias"])  # fmt: skip
 def test_round_trip_through_from_hf(tmp_path: Path, case: str) -> None:
     """native -> HF -> native is bit-exact through each rule's recorded inverse (unpadded vocabulary, untied head;
     synthesized zero biases have no native counterpart and are left out)."""
     config, save, _, _ = CASES[case]
     if config.padded_vocab_size != config.vocab_size:
-        config = type(config)(**{**__import__("dataclasses").asdict(config), "padded_vocab_size": config.vocab_size})
+        config = type(config)(**{**asdict(config), "padded_vocab_size": config.vocab_size})
     model = M.build(config, seed=4)
     folder = M.save(model, str(tmp_path / "ckpt"), **save)
     adapter = LitGPTAdapter()

@@ -1,4 +1,4 @@
-"""LitGPT (Lightning-AI/litgpt) checkpoints -> transformers Llama / Mistral / Qwen2 / GPT-NeoX.
+"""LitGPT (Lightning-AI/litgpt) checkpoints -> transformers Llama / Mistral / Qwen2 / Gemma / Phi / GPT-NeoX.
 
 `--checkpoint` names LitGPT's checkpoint folder (`lit_model.pth` + `model_config.yaml`, as written by
 `litgpt download`, `finetune` and `pretrain`) or the `lit_model.pth` inside it. The architecture comes
@@ -23,9 +23,11 @@ options below. What the conversion does:
 
 Families (by `model_config.yaml`): `llama` (LLaMAMLP, RMSNorm, sequential residual, full rotary; `bias`
 gives attention and MLP biases), `mistral` (the same with sliding-window attention in every layer),
-`qwen2` (biases on q/k/v only: `attn_bias` without `bias`), `gpt_neox` (GptNeoxMLP, LayerNorm, parallel or
-sequential residual, partial rotary, exact or tanh GELU). Everything else is refused with the reason
-(`REFUSED`): transformers would compute something else.
+`qwen2` (biases on q/k/v only: `attn_bias` without `bias`), `gemma` (a config named Gemma*, so LitGPT's
+RMSNorm scales by 1 + weight, with `scale_embeddings` and GemmaMLP), `phi` (phi-1.5/phi-2: GptNeoxMLP,
+LayerNorm, parallel residual with a shared attention norm, partial rotary, biases including lm_head's),
+`gpt_neox` (GptNeoxMLP, LayerNorm, parallel or sequential residual, partial rotary, exact or tanh GELU).
+Everything else is refused with the reason (`REFUSED` and `_family`): transformers would compute something else.
 """
 
 from __future__ import annotations
@@ -121,13 +123,8 @@ REFUSED: list[tuple[str, Any, str]] = [
     ("post_attention_norm", lambda c: c["post_attention_norm"] or c["post_mlp_norm"], "post-attention/MLP norms"),
     ("attention_logit_softcapping", lambda c: c["attention_logit_softcapping"] is not None, "attention softcapping"),
     ("final_logit_softcapping", lambda c: c["final_logit_softcapping"] is not None, "final logit softcapping"),
-    ("scale_embeddings", lambda c: c["scale_embeddings"], "embeddings scaled by sqrt(n_embd) (Gemma)"),
-    ("mlp_class_name", lambda c: c["mlp_class_name"] == "GemmaMLP", "GemmaMLP (GELU-gated MLP, Gemma)"),
-    ("name", lambda c: "Gemma" in str(c["name"]), "a Gemma config (LitGPT's RMSNorm adds 1 to its weight)"),
     ("name", lambda c: "OLMo" in str(c["name"]), "an OLMo config (LitGPT's LayerNorm has no weights for it)"),
-    ("lm_head_bias", lambda c: c["lm_head_bias"], "a bias on lm_head"),
     ("norm_1", lambda c: not c["norm_1"] or not c["norm_2"], "blocks without norm_1/norm_2"),
-    ("shared_attention_norm", lambda c: c["shared_attention_norm"], "a shared attention norm (Phi-2, Falcon)"),
     ("rope_interleave", lambda c: c["rope_interleave"], "interleaved RoPE"),
     ("rope_local_base_freq", lambda c: c["rope_local_base_freq"] is not None, "a separate local RoPE base"),
     ("first_k_dense_replace", lambda c: c["first_k_dense_replace"] is not None, "dense-then-MoE layers"),
@@ -149,7 +146,7 @@ _ENTRIES = {
 _LORA = re.compile(r"(^|\.)lora_[AB]$|\.linear\.(weight|bias)$")
 _ADAPTER = re.compile(r"(^|\.)(adapter_wte|gating_factor|adapter_bias|adapter_scale)(\.|$)")
 
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt_neox": "gpt_neox"}
+MODEL_TYPES = {f: f for f in ("llama", "mistral", "qwen2", "gemma", "phi", "gpt_neox")}
 
 
 def _suggest(word: str, candidates: Any) -> str:
@@ -248,8 +245,8 @@ def tokenizer_source(folder: str) -> str | None:
 class LitGPTAdapter(RuleAdapter):
     name = "litgpt"
     description = "LitGPT checkpoint folders (lit_model.pth + model_config.yaml; plain or pretrain checkpoints)"
-    families = ("llama", "mistral", "qwen2", "gpt_neox")
-    model_types = ("llama", "mistral", "qwen2", "gpt_neox")
+    families = tuple(MODEL_TYPES)
+    model_types = tuple(MODEL_TYPES.values())
     model_type = "llama"
     layer_count_arg = "n_layer"
 
@@ -358,8 +355,10 @@ class LitGPTAdapter(RuleAdapter):
             "name", "n_layer", "n_embd", "n_head", "n_query_groups", "head_size", "intermediate_size", "vocab_size",
             "padded_vocab_size", "block_size", "norm_eps", "rope_base", "rotary_percentage", "rope_n_elem",
             "parallel_residual", "bias", "attn_bias", "norm_class_name", "mlp_class_name", "gelu_approximate",
-            "rope_condense_ratio", "rope_adjustments", "sliding_window_size",
+            "rope_condense_ratio", "rope_adjustments", "sliding_window_size", "scale_embeddings",
+            "shared_attention_norm", "lm_head_bias",
         )}  # fmt: skip
+        a["rms_unit_offset"] = c["norm_class_name"] == "RMSNorm" and "Gemma" in str(c["name"])
         a["family"] = family
         a["q_per_kv"] = c["n_head"] // c["n_query_groups"]
         a["rope"] = _rope(c, config_path)
@@ -397,7 +396,9 @@ class LitGPTAdapter(RuleAdapter):
         qkv_rows = (a["n_head"] + 2 * a["n_query_groups"]) * hs
         qkv = next((k for k in ("transformer.h.0.attn.qkv.weight", "transformer.h.0.attn.attn.weight") if k in tensors),
                    "transformer.h.0.attn.qkv.weight")  # fmt: skip
-        fc = "transformer.h.0.mlp.fc.weight" if a["family"] == "gpt_neox" else "transformer.h.0.mlp.fc_1.weight"
+        fc = (
+            "transformer.h.0.mlp.fc.weight" if a["family"] in ("gpt_neox", "phi") else "transformer.h.0.mlp.fc_1.weight"
+        )
         expected = {
             "transformer.wte.weight": ((a["padded_vocab_size"], c), "padded_vocab_size, n_embd"),
             qkv: ((qkv_rows, c), "(n_head + 2 * n_query_groups) * head_size, n_embd"),
@@ -413,7 +414,7 @@ class LitGPTAdapter(RuleAdapter):
 
     # ---- tables and configs ---------------------------------------------------------------------------
     def table(self, args: Mapping[str, Any]) -> RuleTable:
-        return (_neox_table if args["family"] == "gpt_neox" else _llama_table)(args)
+        return {"gpt_neox": _neox_table, "phi": _phi_table}.get(args["family"], _llama_table)(args)
 
     def tied_keys(self, args: Mapping[str, Any]) -> tuple[str, str]:
         return "transformer.wte.weight", "lm_head.weight"
@@ -431,13 +432,26 @@ class LitGPTAdapter(RuleAdapter):
             "bos_token_id": a.get("bos_token_id"),
             "eos_token_id": a.get("eos_token_id"),
         }
+        act = "gelu" if a["gelu_approximate"] == "none" else "gelu_pytorch_tanh"  # F.gelu, exact or tanh
+        partial = {**a["rope"], "partial_rotary_factor": a["rotary_percentage"]}
+        if a["family"] == "phi":
+            return {
+                **common,
+                "num_key_value_heads": a["n_query_groups"],
+                "hidden_act": act,
+                "layer_norm_eps": a["norm_eps"],
+                "rope_parameters": partial,
+                "qk_layernorm": False,
+                "resid_pdrop": 0.0,
+                "embd_pdrop": 0.0,
+            }
         if a["family"] == "gpt_neox":
             return {
                 **common,
-                "hidden_act": "gelu" if a["gelu_approximate"] == "none" else "gelu_pytorch_tanh",
+                "hidden_act": act,
                 "layer_norm_eps": a["norm_eps"],
                 "use_parallel_residual": a["parallel_residual"],
-                "rope_parameters": {**a["rope"], "partial_rotary_factor": a["rotary_percentage"]},
+                "rope_parameters": partial,
                 "attention_bias": bool(a["bias"] or a["attn_bias"]),
                 "hidden_dropout": 0.0,
                 "classifier_dropout": 0.0,
@@ -451,6 +465,8 @@ class LitGPTAdapter(RuleAdapter):
         }
         if a["family"] == "llama":
             cfg |= {"head_dim": a["head_size"], "attention_bias": a["bias"], "mlp_bias": a["bias"]}
+        elif a["family"] == "gemma":  # (1 + w) RMSNorm and sqrt(hidden_size) embedding scale are Gemma's own
+            cfg |= {"head_dim": a["head_size"], "hidden_act": act, "attention_bias": False, "pad_token_id": None}
         elif a["family"] == "mistral":
             cfg |= {"head_dim": a["head_size"], "sliding_window": a["sliding_window_size"]}
         else:  # qwen2: head_dim is hidden_size // num_attention_heads (checked)
@@ -473,27 +489,30 @@ class LitGPTAdapter(RuleAdapter):
         c, hs, ffn = args["n_embd"], args["head_size"], args["intermediate_size"]
         q = args["n_head"] * hs
         qkv = (args["n_head"] + 2 * args["n_query_groups"]) * hs
-        neox = args["family"] == "gpt_neox"
+        layer_norm = args["family"] in ("gpt_neox", "phi")  # LayerNorm (weight and bias), GptNeoxMLP fc/proj
         shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (args["padded_vocab_size"], c)}
         for i in range(args["n_layer"]):
             p = f"transformer.h.{i}."
-            shapes |= {f"{p}norm_1.weight": (c,), f"{p}norm_2.weight": (c,)}
+            norms = ["norm_1"] if args.get("shared_attention_norm") else ["norm_1", "norm_2"]
+            shapes |= {f"{p}{n}.{w}": (c,) for n in norms for w in (("weight", "bias") if layer_norm else ("weight",))}
             shapes[f"{p}attn.{args['qkv_key']}.weight"] = (qkv, c)
             shapes[f"{p}attn.proj.weight"] = (c, q)
-            mlp = {"fc": (ffn, c), "proj": (c, ffn)} if neox else {"fc_1": (ffn, c), "fc_2": (ffn, c), "proj": (c, ffn)}
+            mlp = {"fc": (ffn, c), "proj": (c, ffn)}
+            if not layer_norm:
+                mlp = {"fc_1": (ffn, c), "fc_2": (ffn, c), "proj": (c, ffn)}
             shapes |= {f"{p}mlp.{m}.weight": s for m, s in mlp.items()}
-            if neox:
-                shapes |= {f"{p}norm_1.bias": (c,), f"{p}norm_2.bias": (c,)}
             if args["bias"] or args["attn_bias"]:
                 shapes[f"{p}attn.{args['qkv_key']}.bias"] = (qkv,)
             if args["bias"]:
                 shapes[f"{p}attn.proj.bias"] = (c,)
                 shapes |= {f"{p}mlp.{m}.bias": (s[0],) for m, s in mlp.items()}
         shapes["transformer.ln_f.weight"] = (c,)
-        if neox:
+        if layer_norm:
             shapes["transformer.ln_f.bias"] = (c,)
         if not self.tied(args):
             shapes["lm_head.weight"] = (args["padded_vocab_size"], c)
+        if args.get("lm_head_bias"):
+            shapes["lm_head.bias"] = (args["padded_vocab_size"],)
         return {k: V.Zeros(k, dt, s) for k, s in shapes.items()}
 
     # ---- parity ---------------------------------------------------------------------------------------
@@ -555,26 +574,53 @@ def _family(c: Mapping[str, Any], where: str) -> str:
             raise MappingError(
                 f"{where}: sliding_window_indices: sliding-window attention in some layers only is not supported"
             )
+    if c["gelu_approximate"] not in ("none", "tanh"):
+        raise MappingError(f"{where}: gelu_approximate={c['gelu_approximate']!r} is not 'none' or 'tanh'")
     norm, mlp = c["norm_class_name"], c["mlp_class_name"]
+    gemma = {
+        "name": "Gemma" in str(c["name"]),  # LitGPT's RMSNorm adds 1 to its weight for these names
+        "scale_embeddings": bool(c["scale_embeddings"]),
+        "mlp_class_name": mlp == "GemmaMLP",
+    }
+    if any(gemma.values()) and not all(gemma.values()):
+        off = ", ".join(f for f, on in gemma.items() if not on)
+        raise MappingError(
+            f"{where}: {off}: only the whole Gemma combination (a name containing 'Gemma', so RMSNorm adds 1 to its "
+            "weight; scale_embeddings; GemmaMLP) maps onto GemmaForCausalLM"
+        )
+    if c["lm_head_bias"] and not (mlp == "GptNeoxMLP" and c["shared_attention_norm"]):
+        raise MappingError(f"{where}: lm_head_bias: a bias on lm_head exists in Phi-style configs only")
     if mlp == "GptNeoxMLP" and norm == "LayerNorm":
+        if c["sliding_window_size"] is not None:
+            raise MappingError(f"{where}: sliding_window_size: GPT-NeoX and Phi have no sliding-window attention")
+        if c["head_size"] * c["n_head"] != c["n_embd"]:
+            raise MappingError(f"{where}: head_size: GPT-NeoX and Phi need head_size * n_head == n_embd")
+        if c["shared_attention_norm"]:
+            if not c["parallel_residual"]:
+                raise MappingError(f"{where}: shared_attention_norm: LitGPT has it with parallel_residual only")
+            if not (c["bias"] and c["lm_head_bias"]):
+                raise MappingError(f"{where}: bias, lm_head_bias: Phi has biases everywhere, lm_head included")
+            return "phi"
         if c["n_query_groups"] != c["n_head"]:
             raise MappingError(f"{where}: n_query_groups: GPT-NeoX has no grouped-query attention")
-        if c["head_size"] * c["n_head"] != c["n_embd"]:
-            raise MappingError(f"{where}: head_size: GPT-NeoX needs head_size * n_head == n_embd")
-        if c["sliding_window_size"] is not None:
-            raise MappingError(f"{where}: sliding_window_size: GPT-NeoX has no sliding-window attention")
-        if c["gelu_approximate"] not in ("none", "tanh"):
-            raise MappingError(f"{where}: gelu_approximate={c['gelu_approximate']!r} is not 'none' or 'tanh'")
         return "gpt_neox"
-    if mlp == "LLaMAMLP" and norm == "RMSNorm":
+    if c["shared_attention_norm"]:
+        raise MappingError(f"{where}: shared_attention_norm: a shared attention norm exists in Phi-style configs only")
+    if mlp in ("LLaMAMLP", "GemmaMLP") and norm == "RMSNorm":
         if c["parallel_residual"]:
-            raise MappingError(
-                f"{where}: parallel_residual: a parallel-residual LLaMAMLP model has no transformers class"
-            )
+            raise MappingError(f"{where}: parallel_residual: a parallel-residual {mlp} model has no transformers class")
         if c["rope_n_elem"] != c["head_size"]:
             raise MappingError(
                 f"{where}: rotary_percentage={c['rotary_percentage']}: Llama-style classes rotate the whole head"
             )
+        if mlp == "GemmaMLP":
+            if c["sliding_window_size"] is not None or c["bias"] or c["attn_bias"]:
+                raise MappingError(f"{where}: Gemma configs with biases or a sliding window are not supported")
+            if c["gelu_approximate"] != "tanh":  # GemmaConfig turns hidden_act "gelu" into "gelu_pytorch_tanh"
+                raise MappingError(
+                    f"{where}: gelu_approximate={c['gelu_approximate']!r}: GemmaForCausalLM always uses the tanh GELU"
+                )
+            return "gemma"
         if c["sliding_window_size"] is not None:
             if c["bias"] or c["attn_bias"]:
                 raise MappingError(f"{where}: sliding_window_size: Mistral has no attention biases")
@@ -586,7 +632,7 @@ def _family(c: Mapping[str, Any], where: str) -> str:
         return "llama"
     raise MappingError(
         f"{where}: mlp_class_name={mlp!r} with norm_class_name={norm!r} has no transformers class "
-        "(supported: LLaMAMLP + RMSNorm, GptNeoxMLP + LayerNorm)"
+        "(supported: LLaMAMLP or GemmaMLP + RMSNorm, GptNeoxMLP + LayerNorm)"
     )
 
 
@@ -666,6 +712,24 @@ def _llama_table(a: Mapping[str, Any]) -> RuleTable:
         Rule("transformer.ln_f.weight", "model.norm.weight"),
         Rule("lm_head.weight", "lm_head.weight", ops=_vocab_ops(a)),
     ]
+    return RuleTable(rules, TRAINING_DROPS)
+
+
+def _phi_table(a: Mapping[str, Any]) -> RuleTable:
+    """Phi (phi-1.5, phi-2): one LayerNorm feeds attention and MLP; q/k/v split as for Llama; lm_head has a bias."""
+    L, H = "transformer.h.{i}.", "model.layers.{i}."
+    qkv, att = f"{L}attn.{a['qkv_key']}", f"{H}self_attn."
+    rules = [Rule("transformer.wte.weight", "model.embed_tokens.weight", ops=_vocab_ops(a))]
+    rules += [Rule(f"{L}norm_1.{w}", f"{H}input_layernorm.{w}") for w in ("weight", "bias")]
+    rules += [
+        Rule(f"{qkv}.{w}", [f"{att}q_proj.{w}", f"{att}k_proj.{w}", f"{att}v_proj.{w}"], ops=_qkv_split(a))
+        for w in ("weight", "bias")
+    ]
+    rules += [Rule(f"{L}attn.proj.{w}", f"{att}dense.{w}") for w in ("weight", "bias")]
+    rules += [Rule(f"{L}mlp.{lit}.{w}", f"{H}mlp.{hf}.{w}") for lit, hf in (("fc", "fc1"), ("proj", "fc2"))
+              for w in ("weight", "bias")]  # fmt: skip
+    rules += [Rule(f"transformer.ln_f.{w}", f"model.final_layernorm.{w}") for w in ("weight", "bias")]
+    rules += [Rule(f"lm_head.{w}", f"lm_head.{w}", ops=_vocab_ops(a)) for w in ("weight", "bias")]
     return RuleTable(rules, TRAINING_DROPS)
 
 

@@ -5,8 +5,10 @@ blocks of `norm_1` (RMSNorm or LayerNorm), the fused `attn.qkv` cut into Q, K, V
 layout (current `[all Q; all K; all V]` or legacy per query group), rotate-half RoPE on the first
 `rope_n_elem` dims of each head (LitGPT's cache: base `rope_base`, positions over `rope_condense_ratio`,
 Llama 3 or linear `rope_adjustments`), causal (optionally sliding-window) attention with K/V heads repeated
-per group, `attn.proj`, then `norm_2` and the MLP (`LLaMAMLP` silu(fc_1) * fc_2 or `GptNeoxMLP` GELU) with a
-sequential or parallel residual; `ln_f`; `lm_head`. Weights are read one layer at a time and every matrix
+per group, `attn.proj`, then `norm_2` (or `norm_1`'s output with a shared attention norm) and the MLP (`LLaMAMLP`
+silu(fc_1) * fc_2, `GemmaMLP` gelu(fc_1) * fc_2 or `GptNeoxMLP` GELU) with a sequential or parallel residual;
+`ln_f`; `lm_head` (with its bias when there is one). Gemma configs scale the embeddings by sqrt(n_embd) and their
+RMSNorm by 1 + weight. Weights are read one layer at a time and every matrix
 product streams its weight ([out, in]) in row blocks, so memory holds activations plus one block.
 """
 
@@ -75,6 +77,8 @@ def reference_logits(
     cos, sin = rope_cache(a, pos)
     wte = tensors["transformer.wte.weight"]
     h = _rows(wte, tokens.reshape(-1).tolist()).reshape(bsz, seq, c)
+    if a.get("scale_embeddings"):  # Gemma: times sqrt(n_embd), rounded to the activations' dtype first
+        h = h * torch.tensor(c**0.5, dtype=h.dtype)
     window = a.get("sliding_window_size")
     mask = None
     if window is not None:
@@ -85,7 +89,8 @@ def reference_logits(
     def norm(x: torch.Tensor, prefix: str) -> torch.Tensor:
         w = _load(tensors, prefix + ".weight")
         if a["norm_class_name"] == "RMSNorm":
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + a["norm_eps"]) * w
+            scale = 1 + w if a.get("rms_unit_offset") else w  # LitGPT adds 1 for configs named Gemma*
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + a["norm_eps"]) * scale
         return F.layer_norm(x, (c,), w, _load(tensors, prefix + ".bias"), a["norm_eps"])
 
     def lin(x: torch.Tensor, prefix: str) -> torch.Tensor:
@@ -94,12 +99,16 @@ def reference_logits(
     def mlp(x: torch.Tensor, p: str) -> torch.Tensor:
         if a["mlp_class_name"] == "LLaMAMLP":
             return lin(F.silu(lin(x, p + "mlp.fc_1")) * lin(x, p + "mlp.fc_2"), p + "mlp.proj")
+        if a["mlp_class_name"] == "GemmaMLP":
+            gate = F.gelu(lin(x, p + "mlp.fc_1"), approximate=a["gelu_approximate"])
+            return lin(gate * lin(x, p + "mlp.fc_2"), p + "mlp.proj")
         return lin(F.gelu(lin(x, p + "mlp.fc"), approximate=a["gelu_approximate"]), p + "mlp.proj")
 
     with torch.no_grad():
         for i in range(a["n_layer"]):
             p = f"transformer.h.{i}."
-            q, k, v = (z.transpose(1, 2) for z in _split_qkv(lin(norm(h, p + "norm_1"), f"{p}attn.{a['qkv_key']}"), a))
+            x_normed = norm(h, p + "norm_1")
+            q, k, v = (z.transpose(1, 2) for z in _split_qkv(lin(x_normed, f"{p}attn.{a['qkv_key']}"), a))
             q = torch.cat((_rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
             k = torch.cat((_rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
             if ng != nh:
@@ -108,11 +117,14 @@ def reference_logits(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(hs)
             )
             attn = lin(y.transpose(1, 2).reshape(bsz, seq, nh * hs), p + "attn.proj")
-            if a["parallel_residual"]:
-                h = mlp(norm(h, p + "norm_2"), p) + (attn + h)
+            if a["parallel_residual"]:  # with a shared attention norm (Phi) the MLP reads norm_1's output
+                h = mlp(x_normed if a.get("shared_attention_norm") else norm(h, p + "norm_2"), p) + (attn + h)
             else:
                 h = h + attn
                 h = h + mlp(norm(h, p + "norm_2"), p)
         h = norm(h, "transformer.ln_f")
         head = tensors["transformer.wte.weight"] if a["tie_word_embeddings"] else tensors["lm_head.weight"]
-        return _linear(h, V.slice_rows(head, 0, a["hf_vocab_size"]))
+        bias = _load(tensors, "lm_head.bias")
+        return _linear(
+            h, V.slice_rows(head, 0, a["hf_vocab_size"]), None if bias is None else bias[: a["hf_vocab_size"]]
+        )

@@ -125,22 +125,46 @@ def pythia_like(**kw: Any) -> Config:
     return Config(**{**base, **kw})
 
 
+def gemma_like(**kw: Any) -> Config:
+    """Gemma style: RMSNorm with LitGPT's unit offset (the name), embeddings scaled by sqrt(n_embd), GemmaMLP (tanh
+    GELU gate), MQA, head_size other than n_embd / n_head, tied embeddings."""
+    base = dict(name="Gemma-tiny", block_size=256, n_layer=2, n_embd=64, n_head=4, n_query_groups=1, head_size=32,
+                vocab_size=300, padding_multiple=64, norm_class_name="RMSNorm", norm_eps=1e-6,
+                parallel_residual=False, bias=False, rotary_percentage=1.0, scale_embeddings=True,
+                mlp_class_name="GemmaMLP", gelu_approximate="tanh", intermediate_size=128)  # fmt: skip
+    return Config(**{**base, **kw})
+
+
+def phi_like(**kw: Any) -> Config:
+    """Phi-2 style: parallel residual with one shared norm, 40% rotary, tanh GELU, biases including lm_head's."""
+    base = dict(name="phi-tiny", block_size=256, n_layer=2, n_embd=64, n_head=4, vocab_size=300,
+                padding_multiple=64, norm_class_name="LayerNorm", parallel_residual=True, shared_attention_norm=True,
+                bias=True, lm_head_bias=True, rotary_percentage=0.4, gelu_approximate="tanh",
+                mlp_class_name="GptNeoxMLP", intermediate_size=256)  # fmt: skip
+    return Config(**{**base, **kw})
+
+
 # ------------------------------------------------------------------------------------------------ the model
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    """LitGPT's RMSNorm; `add_unit_offset` (LitGPT sets it for configs named Gemma*) scales by 1 + weight."""
+
+    def __init__(self, size: int, eps: float, add_unit_offset: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
+        self.eps, self.add_unit_offset = eps, add_unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + self.eps) * self.weight.float()
+        w = (1 + self.weight) if self.add_unit_offset else self.weight
+        return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + self.eps) * w.float()
 
 
 def _norm(c: Config) -> nn.Module:
-    return RMSNorm(c.n_embd, c.norm_eps) if c.norm_class_name == "RMSNorm" else nn.LayerNorm(c.n_embd, eps=c.norm_eps)
+    if c.norm_class_name == "RMSNorm":
+        return RMSNorm(c.n_embd, c.norm_eps, add_unit_offset="Gemma" in c.name)
+    return nn.LayerNorm(c.n_embd, eps=c.norm_eps)
 
 
 class Attention(nn.Module):
@@ -175,7 +199,7 @@ class MLP(nn.Module):
     def __init__(self, c: Config) -> None:
         super().__init__()
         self.c = c
-        if c.mlp_class_name == "LLaMAMLP":
+        if c.mlp_class_name in ("LLaMAMLP", "GemmaMLP"):
             self.fc_1 = nn.Linear(c.n_embd, c.intermediate_size, bias=c.bias)
             self.fc_2 = nn.Linear(c.n_embd, c.intermediate_size, bias=c.bias)
         else:
@@ -185,6 +209,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.c.mlp_class_name == "LLaMAMLP":
             return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+        if self.c.mlp_class_name == "GemmaMLP":
+            return self.proj(F.gelu(self.fc_1(x), approximate=self.c.gelu_approximate) * self.fc_2(x))
         return self.proj(F.gelu(self.fc(x), approximate=self.c.gelu_approximate))
 
 
@@ -192,12 +218,14 @@ class Block(nn.Module):
     def __init__(self, c: Config) -> None:
         super().__init__()
         self.c = c
-        self.norm_1, self.attn, self.norm_2, self.mlp = _norm(c), Attention(c), _norm(c), MLP(c)
+        self.norm_1, self.attn, self.mlp = _norm(c), Attention(c), MLP(c)
+        self.norm_2 = None if c.shared_attention_norm else _norm(c)  # Phi: the MLP reads norm_1's output too
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        a = self.attn(self.norm_1(x), cos, sin)
+        x_normed = self.norm_1(x)
+        a = self.attn(x_normed, cos, sin)
         if self.c.parallel_residual:
-            return self.mlp(self.norm_2(x)) + (a + x)
+            return self.mlp(x_normed if self.norm_2 is None else self.norm_2(x)) + (a + x)
         x = a + x
         return self.mlp(self.norm_2(x)) + x
 
@@ -206,7 +234,7 @@ class GPT(nn.Module):
     def __init__(self, c: Config) -> None:
         super().__init__()
         self.config = c
-        self.lm_head = nn.Linear(c.n_embd, c.padded_vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.n_embd, c.padded_vocab_size, bias=c.lm_head_bias)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(c.padded_vocab_size, c.n_embd),
@@ -219,6 +247,8 @@ class GPT(nn.Module):
         pos = torch.arange(idx.shape[1]) if positions is None else positions
         cos, sin = rope_cache(self.config, pos)
         x = self.transformer.wte(idx)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         for block in self.transformer.h:
             x = block(x, cos, sin)
         return self.lm_head(self.transformer.ln_f(x))
