@@ -70,6 +70,7 @@ LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "orig
 CASES: dict[str, tuple[M.Config, dict[str, Any], bool, str]] = {
     "llama-gqa": (M.llama_like(), {}, False, "llama"),
     "llama-gqa-legacy": (M.llama_like(), {"legacy": True}, False, "llama"),
+    "llama-bf16-wide-heads": (M.llama_like(head_size=32), {"dtype": torch.bfloat16}, False, "llama"),
     "llama-bias-mqa-pretrain": (M.llama_like(bias=True, n_query_groups=1), {"pretrain": True}, False, "llama"),
     "llama31-rope-tied": (M.llama_like(rope_adjustments=LLAMA31), {}, True, "llama"),
     "llama-condensed-rope": (M.llama_like(rope_condense_ratio=4, rope_base=10000), {}, False, "llama"),
@@ -97,7 +98,17 @@ def test_parity_with_litgpt(tmp_path: Path, case: str) -> None:
     if tie:
         _tie(model)
     folder = M.save(model, str(tmp_path / "ckpt"), **save)
+    if save.get("dtype") is not None:  # the reference computes with the weights as stored
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(save["dtype"]).float())
     record = _cli_convert(folder, tmp_path / "hf")
+    if save.get("dtype") is torch.bfloat16:
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+            assert f.get_slice("model.layers.0.self_attn.q_proj.weight").get_dtype() == "BF16"
+        assert _config(tmp_path / "hf")["head_dim"] == 32
     for spread in (False, True):
         p = _hf_parity(model, tmp_path / "hf", spread=spread)
         assert p.ok and p.positions >= 64, f"{case} spread={spread}: {p}"
@@ -163,7 +174,7 @@ def test_pythia_without_the_per_head_interleave_fails(tmp_path: Path) -> None:
 
 
 def test_legacy_layout_read_as_current_fails(tmp_path: Path) -> None:
-    """Negative control: a pre-0.5 per-group QKV split as if it were [Q; K; V]."""
+    """Negative control: a pre-0.5.5 per-group QKV split as if it were [Q; K; V]."""
     model = M.build(M.llama_like(), seed=3)
     folder = M.save(model, str(tmp_path / "ckpt"), legacy=True)
     _cli_convert(folder, tmp_path / "hf", {"qkv_layout": "current"})

@@ -11,7 +11,7 @@ options below. What the conversion does:
   optimizer state, dataloader state and counters are dropped with reasons (`_orig_mod.` / `module.` prefixes
   are stripped);
 - the fused `attn.qkv` is split (Llama-style targets) or re-interleaved per head (GPT-NeoX's
-  `query_key_value`): current LitGPT stores `[all Q; all K; all V]`, LitGPT before 0.5 stored `attn.attn`
+  `query_key_value`): current LitGPT stores `[all Q; all K; all V]`, LitGPT before 0.5.5 stored `attn.attn`
   interleaved per query group `[q..q k v]` per group. The layout follows the key name (`qkv_layout` in
   `--model-args` forces one: `current` or `legacy`);
 - the padded vocabulary (`padded_vocab_size` rows) is trimmed to `vocab_size` (recorded as inexact), or kept

@@ -9,7 +9,7 @@ over the padded vocabulary. Independent of hubconv's reference forward (hubconv/
 
 Writers produce what LitGPT writes: `lit_model.pth` (a plain state dict, or a pretrain checkpoint
 `{model, optimizer, train_dataloader, iter_num, step_count}`), `model_config.yaml` (every Config field, as
-`save_config` dumps `asdict(config)`), and optionally the pre-0.5 `attn.attn` key with the QKV rows
+`save_config` dumps `asdict(config)`), and optionally the pre-0.5.5 `attn.attn` key with the QKV rows
 interleaved per query group.
 """
 
@@ -293,7 +293,7 @@ def build(c: Config, seed: int = 0) -> GPT:
 
 
 def legacy_qkv(t: torch.Tensor, c: Config) -> torch.Tensor:
-    """[all Q; all K; all V] -> LitGPT < 0.5's per-query-group [q..q; k; v] (rows; weight or bias)."""
+    """[all Q; all K; all V] -> LitGPT < 0.5.5's per-query-group [q..q; k; v] (rows; weight or bias)."""
     hs, g = c.head_size, c.n_query_groups
     q, k, v = t.split((c.n_head * hs, g * hs, g * hs))
     per = c.n_head // g
