@@ -13,7 +13,6 @@ folder; `reopen_args` is what the adapter's own `convert` path needs to read the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -301,8 +300,10 @@ def torchtitan_toml(a: Mapping[str, Any]) -> str:
 
 
 def _yaml(d: Mapping[str, Any]) -> str:
-    """A flat YAML mapping (values as JSON, which YAML reads)."""
-    return "".join(f"{k}: {json.dumps(v)}\n" for k, v in d.items())
+    """A YAML mapping in the given key order (PyYAML's safe dumper: floats such as 1e-05 stay floats)."""
+    import yaml
+
+    return yaml.safe_dump(dict(d), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------------- nanoGPT
