@@ -89,12 +89,48 @@ def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, BY_NAME[name].torch_name)
 
 
-class FileWeights:
-    """The safetensors files of a converted folder (single file or index), memory-mapped.
+class _Maps:
+    """Read-only memory maps of files, by path: tensors are copied straight out of them, then the pages are dropped
+    from this process (`MADV_DONTNEED`; they stay in the page cache), so resident memory does not grow with the
+    number of bytes read."""
 
-    Each tensor is copied straight from the mapping into its destination, then the mapped pages are dropped
-    from this process (`MADV_DONTNEED`; they stay in the page cache), so resident memory does not grow with
-    the model however many layers are read."""
+    def __init__(self) -> None:
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def copy(
+        self, path: str, offset: int, nbytes: int, dtype: torch.dtype, out: torch.Tensor, digest: Any = None
+    ) -> None:
+        """`nbytes` at `offset` of `path`, as `dtype` values, into the flat tensor `out` (cast by torch); the bytes
+        also feed the hashlib object `digest` when given."""
+        import warnings
+
+        import torch
+
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        mapped = self._maps[path]
+        if nbytes:
+            with warnings.catch_warnings():  # a read-only mapping: torch warns that the tensor is not writable
+                warnings.simplefilter("ignore", UserWarning)
+                src = torch.frombuffer(mapped, dtype=torch.uint8, offset=offset, count=nbytes)
+            out.copy_(src.view(dtype))
+            if digest is not None:
+                digest.update(memoryview(mapped)[offset : offset + nbytes])
+            lo = offset // mmap.PAGESIZE * mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, lo, offset + nbytes - lo)
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a tensor still views it; released with the tensor
+                pass
+        self._maps.clear()
+
+
+class FileWeights:
+    """The safetensors files of a converted folder (single file or index), memory-mapped (`_Maps`)."""
 
     kind = "files"
 
@@ -110,7 +146,7 @@ class FileWeights:
             files = [SINGLE_FILE]
         self.tensors: dict[str, TensorInfo] = {}
         self._where: dict[str, tuple[str, int, int]] = {}  # name -> (file, absolute begin, end)
-        self._maps: dict[str, mmap.mmap] = {}
+        self._maps = _Maps()
         for name in files:
             path = os.path.join(model_dir, name)
             if not os.path.exists(path):
@@ -122,35 +158,13 @@ class FileWeights:
                     begin, end = meta["data_offsets"]
                     self._where[key] = (path, start + begin, start + end)
 
-    def _map(self, path: str) -> mmap.mmap:
-        if path not in self._maps:
-            with open(path, "rb") as f:
-                self._maps[path] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-        return self._maps[path]
-
     def copy_into(self, name: str, out: torch.Tensor) -> None:
-        import warnings
-
-        import torch
-
         path, begin, end = self._where[name]
-        info, mapped = self.tensors[name], self._map(path)
-        if end > begin:
-            with warnings.catch_warnings():  # read-only mapping: torch warns that the tensor is not writable
-                warnings.simplefilter("ignore", UserWarning)
-                src = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin, count=end - begin)
-            out.copy_(src.view(_torch_dtype(info.dtype)).reshape(info.shape))
-            page = mmap.PAGESIZE
-            lo = begin // page * page
-            mapped.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+        info = self.tensors[name]
+        self._maps.copy(path, begin, end - begin, _torch_dtype(info.dtype), out.view(-1))
 
     def close(self) -> None:
-        for m in self._maps.values():
-            try:
-                m.close()
-            except BufferError:  # a tensor still views it; released with the tensor
-                pass
-        self._maps.clear()
+        self._maps.close()
 
 
 class PlanWeights:
@@ -170,6 +184,7 @@ class PlanWeights:
         self.tensors = {n: TensorInfo(w["dtype"], tuple(w["shape"])) for n, w in written.items()}
         self._digests = {n: w["sha256"] for n, w in written.items()}
         self.verified: set[str] = set()
+        self._maps = _Maps()
 
     def copy_into(self, name: str, out: torch.Tensor) -> None:
         import numpy as np
@@ -181,14 +196,30 @@ class PlanWeights:
         view, info = self._targets[name], self.tensors[name]
         dst = BY_NAME[info.dtype]
         flat = out.view(-1)
+        check = name not in self.verified  # later passes (generation) read what the first one proved
         digest, pos = hashlib.sha256(), 0
-        for block in blocks(view):
-            raw = np.ascontiguousarray(cast(block, view.dtype, dst, what=f"tensor {name!r}"))
-            digest.update(memoryview(raw).cast("B"))
-            values = torch.from_numpy(raw.reshape(-1)).view(_torch_dtype(info.dtype))
-            flat[pos : pos + values.numel()].copy_(values)
-            pos += values.numel()
-        if pos * dst.itemsize != info.nbytes or digest.hexdigest() != self._digests[name]:
+        segments = view.segments() if view.dtype is dst else None
+        if segments is not None and all(seg.nbytes % dst.itemsize == 0 for seg in segments):
+            for seg in segments:  # untransformed bytes: straight from the source file, as the writer copies them
+                n = seg.nbytes // dst.itemsize
+                part = flat[pos : pos + n]
+                self._maps.copy(
+                    seg.path, seg.offset, seg.nbytes, _torch_dtype(info.dtype), part, digest if check else None
+                )
+                pos += n
+        else:
+            for block in blocks(view):  # transformed (permuted, concatenated, cast): block by block, as written
+                raw = np.ascontiguousarray(cast(block, view.dtype, dst, what=f"tensor {name!r}"))
+                if check:
+                    digest.update(memoryview(raw).cast("B"))
+                values = torch.from_numpy(raw.reshape(-1)).view(_torch_dtype(info.dtype))
+                flat[pos : pos + values.numel()].copy_(values)
+                pos += values.numel()
+        if pos * dst.itemsize != info.nbytes:
+            raise DigestMismatch(
+                f"tensor {name!r}: the conversion plan produced {pos * dst.itemsize} bytes, {info.nbytes} were uploaded"
+            )
+        if check and digest.hexdigest() != self._digests[name]:
             raise DigestMismatch(
                 f"tensor {name!r}: the bytes read through the conversion plan differ from the uploaded shard "
                 "(sha256 mismatch): did the checkpoint change during the release?"
@@ -196,7 +227,7 @@ class PlanWeights:
         self.verified.add(name)
 
     def close(self) -> None:
-        pass
+        self._maps.close()
 
 
 def shard_digests(path: str) -> dict[str, dict[str, Any]]:
