@@ -70,6 +70,7 @@ LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "orig
 CASES: dict[str, tuple[M.Config, dict[str, Any], bool, str]] = {
     "llama-gqa": (M.llama_like(), {}, False, "llama"),
     "llama-gqa-legacy": (M.llama_like(), {"legacy": True}, False, "llama"),
+    "llama-finetune-step-compiled": (M.llama_like(), {"wrapper": "finetune", "compiled": True}, False, "llama"),
     "llama-bf16-wide-heads": (M.llama_like(head_size=32), {"dtype": torch.bfloat16}, False, "llama"),
     "llama-bias-mqa-pretrain": (M.llama_like(bias=True, n_query_groups=1), {"pretrain": True}, False, "llama"),
     "llama31-rope-tied": (M.llama_like(rope_adjustments=LLAMA31), {}, True, "llama"),
@@ -83,6 +84,7 @@ CASES: dict[str, tuple[M.Config, dict[str, Any], bool, str]] = {
     "phi-legacy-pretrain": (M.phi_like(rotary_percentage=0.5), {"legacy": True, "pretrain": True}, False, "phi"),
     "pythia": (M.pythia_like(), {}, False, "gpt_neox"),
     "pythia-legacy": (M.pythia_like(), {"legacy": True}, False, "gpt_neox"),
+    "pythia-finetune-final": (M.pythia_like(), {"wrapper": "model"}, False, "gpt_neox"),
     "pythia-sequential-pretrain": (M.pythia_like(parallel_residual=False), {"pretrain": True}, False, "gpt_neox"),
     "neox-tanh-no-bias": (M.pythia_like(bias=False, gelu_approximate="tanh"), {}, False, "gpt_neox"),
 }
@@ -123,9 +125,13 @@ def test_parity_with_litgpt(tmp_path: Path, case: str) -> None:
     assert (trimmed in record["lossy"].get(embed, "")) is padded
     if tie:
         assert record["dropped"]["lm_head.weight"].startswith("tied to transformer.wte.weight")
-    if save.get("pretrain"):
-        assert {"iter_num", "step_count", "train_dataloader", "optimizer.param_groups"} <= set(record["dropped"])
+    wrapper = "pretrain" if save.get("pretrain") else save.get("wrapper", "")
+    if wrapper in ("pretrain", "finetune"):
+        assert {"iter_num", "step_count", "optimizer.param_groups"} <= set(record["dropped"])
+        assert ("train_dataloader" if wrapper == "pretrain" else "scheduler") in record["dropped"]
         assert any(k.startswith("optimizer.state.") for k in record["dropped"])
+    else:
+        assert not record["dropped"] or tie
     if model_type == "phi":
         assert record["lossy"]["lm_head.bias"] == record["lossy"]["lm_head.weight"]  # both trimmed
     if model_type == "gpt_neox":

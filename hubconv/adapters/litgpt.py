@@ -6,10 +6,11 @@ from `model_config.yaml` (LitGPT's `Config` dumped by `save_config`; read with t
 checked against the tensor shapes); `--model-args` may supply that file when it is missing, and carries the
 options below. What the conversion does:
 
-- `lit_model.pth` is a plain state dict (download, finetune, merge_lora) or a pretrain checkpoint
-  `{model, optimizer, train_dataloader, iter_num, step_count}`: the `model` entries are converted, the
-  optimizer state, dataloader state and counters are dropped with reasons (`_orig_mod.` / `module.` prefixes
-  are stripped);
+- `lit_model.pth` is a plain state dict (download, merge_lora), a pretrain checkpoint
+  `{model, optimizer, train_dataloader, iter_num, step_count}`, a full-finetune step checkpoint
+  `{model, optimizer, scheduler, iter_num, step_count}` or its final `{model}`: the `model` entries are converted,
+  the optimizer, scheduler and dataloader states and the counters are dropped with reasons (`_orig_mod.` /
+  `module.` prefixes are stripped);
 - the fused `attn.qkv` is split (Llama-style targets) or re-interleaved per head (GPT-NeoX's
   `query_key_value`): current LitGPT stores `[all Q; all K; all V]`, LitGPT before 0.5.5 stored `attn.attn`
   interleaved per query group `[q..q k v]` per group. The layout follows the key name (`qkv_layout` in
@@ -136,12 +137,13 @@ REFUSED: list[tuple[str, Any, str]] = [
 ]
 
 TRAINING_DROPS = [
-    Drop(r"^optimizer(\.|$)", "optimizer state (pretrain checkpoint; training only)"),
+    Drop(r"^optimizer(\.|$)", "optimizer state (training checkpoint; training only)"),
+    Drop(r"^scheduler(\.|$)", "learning-rate scheduler state (finetune checkpoint; training only)"),
     Drop(r"^train_dataloader(\.|$)", "dataloader state (pretrain checkpoint; training only)"),
 ]
 _ENTRIES = {
-    "iter_num": "training iteration counter (pretrain checkpoint)",
-    "step_count": "optimizer step counter (pretrain checkpoint)",
+    "iter_num": "training iteration counter (training checkpoint)",
+    "step_count": "optimizer step counter (training checkpoint)",
 }
 _LORA = re.compile(r"(^|\.)lora_[AB]$|\.linear\.(weight|bias)$")
 _ADAPTER = re.compile(r"(^|\.)(adapter_wte|gating_factor|adapter_bias|adapter_scale)(\.|$)")
@@ -293,7 +295,10 @@ class LitGPTAdapter(RuleAdapter):
     def model_tensors(self, ckpt: Checkpoint) -> dict[str, LazyTensor]:
         """`model.*` of a pretrain checkpoint (or the plain state dict) without wrapper prefixes; other tensors
         (optimizer state) as they are."""
-        nested = any(strip_wrappers(k).startswith(("model.transformer.", "model.lm_head.")) for k in ckpt.tensors)
+        nested = any(
+            k.startswith("model.") and strip_wrappers(k.removeprefix("model.")).startswith(("transformer.", "lm_head."))
+            for k in ckpt.tensors
+        )
         out: dict[str, LazyTensor] = {}
         origin: dict[str, str] = {}
         for key, t in ckpt.tensors.items():

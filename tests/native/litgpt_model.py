@@ -312,35 +312,50 @@ def state_dict(model: GPT, *, legacy: bool = False, dtype: torch.dtype | None = 
     return out
 
 
+def _optimizer_state(model: GPT) -> tuple[dict[str, Any], dict[str, Any]]:
+    """AdamW and LR-scheduler state dicts after one step on a copy of `model` (which stays what was saved)."""
+    trained = copy.deepcopy(model)
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))
+    trained(torch.zeros(1, 4, dtype=torch.long)).float().pow(2).mean().backward()
+    opt.step()
+    scheduler.step()
+    return opt.state_dict(), scheduler.state_dict()
+
+
 def save(
     model: GPT,
     folder: str,
     *,
     legacy: bool = False,
     pretrain: bool = False,
+    wrapper: str = "",
+    compiled: bool = False,
     dtype: torch.dtype | None = None,
     config: bool = True,
     extra: dict[str, torch.Tensor] | None = None,
 ) -> str:
-    """Write a LitGPT checkpoint folder (`lit_model.pth`, `model_config.yaml`); returns the folder."""
+    """Write a LitGPT checkpoint folder (`lit_model.pth`, `model_config.yaml`); returns the folder.
+
+    `wrapper` (or `pretrain=True`) picks what `fabric.save` wrote around the state dict: "pretrain"
+    (litgpt/pretrain.py: model, optimizer, train_dataloader, iter_num, step_count), "finetune" (finetune/full.py's
+    step checkpoints: model, optimizer, scheduler, iter_num, step_count) or "model" (finetune/full.py's final
+    `{"model": ...}`); none gives the plain state dict. `compiled` adds torch.compile's `_orig_mod.` prefix."""
     os.makedirs(folder, exist_ok=True)
     sd = {**state_dict(model, legacy=legacy, dtype=dtype), **(extra or {})}
-    if pretrain:  # litgpt/pretrain.py: fabric.save(path, {"model", "optimizer", "train_dataloader", ...})
-        trained = copy.deepcopy(model)  # the optimizer steps a copy: `model` stays what was saved
-        opt = torch.optim.AdamW(trained.parameters(), lr=1e-4)
-        loss = trained(torch.zeros(1, 4, dtype=torch.long)).float().pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        obj: Any = {
-            "model": sd,
-            "optimizer": opt.state_dict(),
-            "train_dataloader": {"current_epoch": 0, "num_samples_yielded": 4, "latest_worker_idx": 0},
-            "iter_num": 12,
-            "step_count": 3,
-        }
-    else:
-        obj = sd
+    if compiled:
+        sd = {f"_orig_mod.{k}": v for k, v in sd.items()}
+    wrapper = "pretrain" if pretrain else wrapper
+    obj: Any = sd
+    if wrapper == "model":
+        obj = {"model": sd}
+    elif wrapper:
+        optimizer, scheduler = _optimizer_state(model)
+        obj = {"model": sd, "optimizer": optimizer, "iter_num": 12, "step_count": 3}
+        if wrapper == "pretrain":
+            obj["train_dataloader"] = {"current_epoch": 0, "num_samples_yielded": 4, "latest_worker_idx": 0}
+        else:
+            obj["scheduler"] = scheduler
     torch.save(obj, os.path.join(folder, "lit_model.pth"))
     if config:
         with open(os.path.join(folder, "model_config.yaml"), "w", encoding="utf-8") as f:
