@@ -196,7 +196,7 @@ def import_hooks() -> None:
     """Import modules that register more import formats (adapters landing later register themselves)."""
     import importlib
 
-    for module in ("hubconv.import_megatron", "hubconv.import_litgpt"):
+    for module in ("hubconv.import_megatron", "hubconv.import_litgpt", "hubconv.import_mindformers"):
         try:
             importlib.import_module(module)
         except ImportError:
