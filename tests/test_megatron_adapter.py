@@ -436,3 +436,29 @@ def test_nemo_lightning_ckpt_with_tensor_parallel_config_is_refused(tmp_path: Pa
     torch.save(state, path)
     rc, err = convert(str(path), tmp_path / "hf", capsys, model_args={"vocab_size": 100})
     assert rc == 1 and "one rank of a tensor-parallel 2 model" in err, err
+
+
+def test_megatron_enums_in_saved_args_are_read_inertly(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Megatron-LM >= core 0.10 saves enums in `args` (`attention_backend=AttnBackend.auto`): read as inert
+    records without importing megatron, so the checkpoint converts; other foreign globals are still refused."""
+    import enum
+    import sys
+    import types
+
+    names = ["megatron", "megatron.core", "megatron.core.transformer", "megatron.core.transformer.enums"]
+    for n in names:
+        monkeypatch.setitem(sys.modules, n, types.ModuleType(n))
+    attn = enum.Enum("AttnBackend", {"flash": 1, "auto": 5})
+    attn.__module__ = "megatron.core.transformer.enums"
+    sys.modules["megatron.core.transformer.enums"].AttnBackend = attn
+    cfg = gpt2_like(num_layers=1)
+    model = MegatronGPT(cfg, tp=1).init_random(seed=1).eval()
+    save_legacy(model, cfg, tmp_path / "ck", args_overrides={"attention_backend": attn.auto}, with_optimizer=False)
+    for n in names:
+        monkeypatch.delitem(sys.modules, n)
+    rc, err = convert(str(tmp_path / "ck"), tmp_path / "hf", capsys, model_args={"vocab_size": 100})
+    assert rc == 0, err
+    assert "megatron" not in sys.modules
+    assert max_diff(model, tmp_path / "hf")[0] <= 1e-4
+    record = json.loads((tmp_path / "hf" / "hubconv.json").read_text())
+    assert record["native_args"]["config_source"] == "Megatron args"

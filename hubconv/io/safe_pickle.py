@@ -243,6 +243,24 @@ OMEGACONF: dict[tuple[str, str], Any] = {
     },
 }
 
+
+class Inert(_Record):
+    """An instance of a class from a package whose objects hubconv only ever carries, never calls (Megatron's
+    enums and config dataclasses inside the saved `args`, e.g. `AttnBackend.auto`): its constructor arguments or
+    state are recorded; nothing of the package is imported or run."""
+
+    def __repr__(self) -> str:
+        return f"<{getattr(self, 'source', 'inert')} {self.args!r}>"
+
+
+def _inert(module: str, name: str) -> type[Inert]:
+    return type(name, (Inert,), {"source": f"{module}.{name}"})
+
+
+# Packages whose classes are recorded as `Inert` (any name in them): `(prefix, "*")` keys of an allow-list.
+INERT_PACKAGES: dict[tuple[str, str], Any] = {("megatron.", "*"): _inert}
+
+
 # torch.save files (`.pt`, nanoGPT `ckpt.pt`, Megatron `model_optim_rng.pt`, Lightning `.ckpt`): tensors, plain
 # containers, argparse namespaces, and numpy RNG state (kept opaque).
 TORCH_FILE: dict[tuple[str, str], Any] = {
@@ -262,6 +280,7 @@ TORCH_FILE: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): Opaque,
     ("_io", "BytesIO"): OpaqueBytes,
     **OMEGACONF,
+    **INERT_PACKAGES,
 }
 
 
@@ -269,6 +288,7 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, data: bytes, what: str, allowed: dict[tuple[str, str], Any]):
         super().__init__(io.BytesIO(data))
         self.what, self.allowed = what, allowed
+        self.prefixes = [(prefix, make) for (prefix, star), make in allowed.items() if star == "*"]
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name in _DTYPES:
@@ -278,6 +298,9 @@ class _Unpickler(pickle.Unpickler):
         try:
             return self.allowed[(module, name)]
         except KeyError:
+            for prefix, make in self.prefixes:
+                if module.startswith(prefix) and name.isidentifier() and not name.startswith("_"):
+                    return make(module, name)
             raise pickle.UnpicklingError(f"{self.what}: refusing to load {module}.{name}") from None
 
     def persistent_load(self, pid: Any) -> Any:
@@ -294,7 +317,7 @@ def plain(obj: Any, depth: int = 0) -> Any:
     """Stand-ins turned into plain data (dicts, lists, str) for provenance records and adapters."""
     if depth > 64:
         return "<nested too deeply>"
-    if isinstance(obj, Opaque):
+    if isinstance(obj, Opaque | Inert):
         return repr(obj)
     if isinstance(obj, RebuiltTensor):
         return f"<tensor {list(obj.size)}>"
