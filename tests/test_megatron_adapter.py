@@ -462,3 +462,26 @@ def test_megatron_enums_in_saved_args_are_read_inertly(tmp_path: Path, capsys, m
     assert max_diff(model, tmp_path / "hf")[0] <= 1e-4
     record = json.loads((tmp_path / "hf" / "hubconv.json").read_text())
     assert record["native_args"]["config_source"] == "Megatron args"
+
+
+@pytest.mark.parametrize(
+    ("native", "canonical"),
+    [
+        ("language_model.encoder.layers.3.input_norm.weight", "decoder.layers.3.input_layernorm.weight"),
+        ("language_model.encoder.layers.3.input_layernorm.bias", "decoder.layers.3.input_layernorm.bias"),
+        ("language_model.encoder.layers.0.post_attention_norm.weight", "decoder.layers.0.pre_mlp_layernorm.weight"),
+        ("language_model.transformer.layers.1.attention.query_key_value.weight",
+         "decoder.layers.1.self_attention.linear_qkv.weight"),
+        ("language_model.encoder.layers.1.self_attention.dense.bias",
+         "decoder.layers.1.self_attention.linear_proj.bias"),
+        ("language_model.encoder.layers.1.mlp.dense_h_to_4h.weight", "decoder.layers.1.mlp.linear_fc1.weight"),
+        ("language_model.encoder.final_norm.weight", "decoder.final_layernorm.weight"),
+        ("language_model.encoder.final_layernorm.bias", "decoder.final_layernorm.bias"),
+        ("word_embeddings_for_head.weight", "output_layer.weight"),
+        ("decoder.layers.2.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.2.input_layernorm.weight"),
+        ("decoder.layers.2.mlp.linear_fc1.layer_norm_bias", "decoder.layers.2.pre_mlp_layernorm.bias"),
+        ("decoder.final_norm.weight", "decoder.final_layernorm.weight"),
+    ],
+)  # fmt: skip
+def test_canonical_names_of_every_megatron_generation(native: str, canonical: str) -> None:
+    assert MS.canonical(native) == canonical

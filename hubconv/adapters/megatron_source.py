@@ -50,7 +50,8 @@ _CANON: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\.(?:self_attention|attention)\.dense\.", ".self_attention.linear_proj."),
         (r"\.mlp\.dense_h_to_4h\.", ".mlp.linear_fc1."),
         (r"\.mlp\.dense_4h_to_h\.", ".mlp.linear_fc2."),
-        (r"\.post_attention_layernorm\.", ".pre_mlp_layernorm."),
+        (r"\.post_attention_(?:layer)?norm\.", ".pre_mlp_layernorm."),
+        (r"\.input_norm\.", ".input_layernorm."),  # legacy ParallelTransformerLayer since get_norm (2023)
         (r"\.self_attention\.linear_qkv\.layer_norm_(weight|bias)$", r".input_layernorm.\1"),
         (r"\.mlp\.linear_fc1\.layer_norm_(weight|bias)$", r".pre_mlp_layernorm.\1"),
     )
