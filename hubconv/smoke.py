@@ -583,7 +583,8 @@ def render_markdown(report: SmokeReport) -> str:
     lines = [
         f"### Smoke test: {icon[report.status]} {report.status}",
         "",
-        f"Device `{report.device}`, dtype `{report.dtype}`, load {report.load_seconds:.2f}s.",
+        f"Device `{report.device}`, dtype `{report.dtype}`, load {report.load_seconds:.2f}s; "
+        f"verified by {report.mode_detail or MODES_TEXT.get(report.mode, report.mode)}.",
         "",
         "| check | status | detail |",
         "| --- | --- | --- |",

@@ -344,3 +344,16 @@ def test_stream_upload_release_to_the_loopback_hub_runs_every_check(tmp_path: Pa
     report = json.loads(Path(out, "smoke.json").read_text())
     assert report["mode"] == "plan" and report["generations"][0]["new_tokens"] > 0
     assert report["costs"]["parity_seconds"] > 0 and report["costs"]["generation_tokens_per_second"] > 0
+
+
+def test_smoke_cli_load_option(example_hf, tmp_path) -> None:
+    folder = shutil.copytree(example_hf, tmp_path / "hf")
+    r = hubconv("smoke", str(folder), "--load", "stream", "--max-new-tokens", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["mode"] == "files" and report["parity"]["passed"]  # native checkpoint found via hubconv.json
+    assert report["costs"]["passes"] == 1 + 3 and report["generations"][0]["seconds"] > 0
+    text = hubconv("smoke", str(folder), "--load", "stream", "--max-new-tokens", "1", "--no-parity").stdout
+    assert "verified by streamed layer by layer from the safetensors files" in text
+    bad = hubconv("smoke", str(folder), "--load", "partial")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
