@@ -303,7 +303,10 @@ def verify(
         ref = adapter.reference_logits(ckpt, plan.native_args, tokens, pos)
     if ref is None:
         return {"status": "skipped", "reason": f"adapter {adapter.name} has no native reference forward"}
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
+    # With --dtype the native weights were rounded to it: the transformers model gets the same rounding, and both
+    # compute in float32.
+    dtype = getattr(torch, model.dtype.torch_name) if model.dtype is not None else torch.float32
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, local_files_only=True).float().eval()
     with torch.no_grad():
         got = hf_model(tokens, position_ids=pos[None].expand(batch, -1)).logits.float()
     del hf_model

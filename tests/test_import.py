@@ -325,3 +325,23 @@ def test_nanogpt_refuses_gelu_new(tmp_path) -> None:
     json.dump({**cfg, "activation_function": "gelu_new"}, open(os.path.join(hf, "config.json"), "w"))
     with pytest.raises(MappingError, match=r"activation_function='gelu_new' cannot be represented: .*exact"):
         import_model("nanogpt", hf, str(tmp_path / "out"), progress=False)
+
+
+def test_dtype_cast_on_import_and_cli_output(tmp_path) -> None:
+    """--dtype bfloat16 on a float32 model: the DCP holds bf16 (rounded as torch rounds), parity compares with the
+    HF model rounded the same way; the command line prints the report and writes import.json."""
+    from tests.helpers import hubconv
+
+    _, sd, hf, _ = _titan(tmp_path, "qkv_linear-gqa-untied")
+    out = str(tmp_path / "bf16")
+    r = hubconv("import", "--adapter", "torchtitan", "--model", hf, "--output", out, "--dtype", "bfloat16", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "parity: pass on 96 positions" in r.stdout and "checkpoint/__0_0.distcp" in r.stdout
+    with open_checkpoint(os.path.join(out, "checkpoint")) as ckpt:
+        emb = ckpt.tensors["tok_embeddings.weight"]
+        assert emb.dtype is BF16
+        want = sd["tok_embeddings.weight"].bfloat16().view(torch.int16).numpy().tobytes()
+        assert _bytes(emb) == want
+    assert json.load(open(os.path.join(out, "import.json")))["dtype"] == "bfloat16"
+    again = hubconv("import", "--adapter", "torchtitan", "--model", hf, "--output", out, "--quiet")
+    assert again.returncode == 1 and again.stderr.startswith("hubconv: error: ") and "--overwrite" in again.stderr

@@ -125,3 +125,21 @@ def test_megatron_refuses_llama_with_attention_bias_only(tmp_path) -> None:
     json.dump({**cfg, "attention_bias": True}, open(os.path.join(hf, "config.json"), "w"))
     with pytest.raises(HubconvError, match=r"attention_bias=True with mlp_bias=False cannot be represented"):
         import_model("megatron", hf, str(tmp_path / "out"), verify_parity=False, progress=False)
+
+
+def test_megatron_import_of_qwen2(tmp_path) -> None:
+    """Qwen2 (biases on q/k/v only) -> Megatron add_qkv_bias without add_bias_linear, TP=2: parity passes and
+    convert reads it back to the same HF tensors."""
+    from tests.native import litgpt_model as LG
+
+    model = LG.build(LG.qwen2_like(n_query_groups=2), seed=1)
+    hf = str(tmp_path / "hf")
+    convert("litgpt", LG.save(model, str(tmp_path / "lit")), hf, progress=False)
+    out = str(tmp_path / "imported")
+    result = import_model("megatron", hf, out, tp=2, model_args={"make_vocab_size_divisible_by": 16}, progress=False)
+    assert result.parity["status"] == "pass"
+    args = _rank(out, 1, 0, 1)["args"]
+    assert args.add_qkv_bias and not args.add_bias_linear and args.num_query_groups == 2
+    back = str(tmp_path / "hf-again")
+    convert("megatron", os.path.join(out, "megatron"), back, model_args={"vocab_size": 300}, progress=False)
+    assert _hf_bytes(back) == _hf_bytes(hf)
