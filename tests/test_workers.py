@@ -107,7 +107,7 @@ def test_three_workers_publish_the_repo_one_process_releases(published, hub, env
     assert [w["shards"] for w in published["result"]["workers"]] == [3, 3, 3]
 
 
-def test_rerunning_a_worker_uploads_nothing_again_and_writes_the_same_manifest(published, hub, env) -> None:
+def test_rerunning_a_worker_uploads_nothing_again_and_writes_the_same_manifest(published, hub, env, tmp_path) -> None:
     path = os.path.join(published["manifests"], manifest_name(2, N))
     before = open(path, "rb").read()
     mark = hub.mark()
@@ -116,6 +116,11 @@ def test_rerunning_a_worker_uploads_nothing_again_and_writes_the_same_manifest(p
     assert open(path, "rb").read() == before
     assert hub.requests(method="PUT", path="/_devhub/lfs/upload", since=mark) == []
     assert hub.requests(method="POST", path="/lfs/objects/batch", since=mark)  # it did ask the Hub
+    assert not commits_since(hub, mark)
+    # The final step again: the release is on the Hub already, so no new commit (only fresh timings differ).
+    r = hubconv(*finalize_args(hub, published["manifests"], str(tmp_path / "again")), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["push"]["no_op"] is True
     assert not commits_since(hub, mark)
 
 
