@@ -485,3 +485,17 @@ def test_megatron_enums_in_saved_args_are_read_inertly(tmp_path: Path, capsys, m
 )  # fmt: skip
 def test_canonical_names_of_every_megatron_generation(native: str, canonical: str) -> None:
     assert MS.canonical(native) == canonical
+
+
+def test_position_embedding_type_missing_or_unreadable_is_taken_from_the_tensors(tmp_path: Path, capsys) -> None:
+    """Older Megatron versions saved no `position_embedding_type` (or an enum): learned positions when the
+    checkpoint has position embeddings, rotary otherwise."""
+    from tests.native.megatron_save import DROP
+
+    for cfg, name in ((gpt2_like(num_layers=1), "gpt2"), (llama_like(num_layers=1), "llama")):
+        model = MegatronGPT(cfg, tp=1).init_random(seed=1).eval()
+        overrides = {"position_embedding_type": DROP, "use_rotary_position_embeddings": DROP}
+        save_legacy(model, cfg, tmp_path / name, args_overrides=overrides, with_optimizer=False)
+        rc, err = convert(str(tmp_path / name), tmp_path / f"hf-{name}", capsys, model_args={"vocab_size": 100})
+        assert rc == 0, err
+        assert max_diff(model, tmp_path / f"hf-{name}")[0] <= 1e-4

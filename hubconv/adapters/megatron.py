@@ -227,6 +227,7 @@ class MegatronAdapter(RuleAdapter):
         merged_model = merged(models, att, a["activation"] == "swiglu", a.get("num_layers"))
         tensors = merged_model.tensors
         self._check_shapes(where, a, tensors, models)
+        MA.refuse_unsupported(a, where)  # again, now that the tensors settled what the config left open
         vocab, found = _vocab(ckpt, a, user, tensors[EMB].shape[0])
         a.update(vocab)
         for k in ("bos_token_id", "eos_token_id"):
@@ -284,6 +285,8 @@ class MegatronAdapter(RuleAdapter):
                 f"{'has' if layernorm else 'has no'} bias"
             )
         learned = "embedding.position_embeddings.weight" in t
+        if a["position_embedding_type"] is None:  # not stated (or not readable): the tensors tell
+            a["position_embedding_type"] = "learned_absolute" if learned else "rope"
         if learned != (a["position_embedding_type"] == "learned_absolute"):
             raise ModelArgsError(
                 f"{where}: position_embedding_type {a['position_embedding_type']} but the checkpoint "

@@ -86,8 +86,10 @@ def from_megatron(a: Mapping[str, Any]) -> dict[str, Any]:
     else:
         activation = "gelu"
     pos = a.get("position_embedding_type")
-    if pos is None and "use_rotary_position_embeddings" in a:
-        pos = "rope" if a.get("use_rotary_position_embeddings") else "learned_absolute"
+    if not isinstance(pos, str):  # absent, or an enum of an older Megatron (read inertly): decided below
+        pos = None
+    if pos is None and a.get("use_rotary_position_embeddings"):
+        pos = "rope"
     out = {
         "num_layers": a.get("num_layers"),
         "hidden_size": a.get("hidden_size"),
@@ -96,7 +98,7 @@ def from_megatron(a: Mapping[str, Any]) -> dict[str, Any]:
         "num_query_groups": a.get("num_query_groups") if a.get("group_query_attention") else heads,
         "kv_channels": a.get("kv_channels"),
         "max_position_embeddings": _get(a, "max_position_embeddings", "seq_length"),
-        "position_embedding_type": pos or "learned_absolute",
+        "position_embedding_type": pos,  # None: learned_absolute when the checkpoint has position embeddings
         "rotary_base": _get(a, "rotary_base", default=10000),
         "rotary_percent": _get(a, "rotary_percent", default=1.0),
         "rotary_interleaved": bool(a.get("rotary_interleaved")),
@@ -198,7 +200,7 @@ def refuse_unsupported(a: Mapping[str, Any], where: str) -> None:
         raise ModelArgsError(
             f"{where}: activation {a.get('activation')!r} is not supported (supported: GELU, tanh-GELU, SwiGLU)"
         )
-    if a.get("position_embedding_type") not in ("learned_absolute", "rope"):
+    if a.get("position_embedding_type") not in ("learned_absolute", "rope", None):
         raise ModelArgsError(
             f"{where}: position_embedding_type {a.get('position_embedding_type')!r} is not supported "
             "(supported: learned_absolute, rope)"
