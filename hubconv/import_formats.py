@@ -116,6 +116,11 @@ class ImportFormat:
     ) -> dict[str, Any]:
         raise NotImplementedError
 
+    def defaults_from_record(self, native: Mapping[str, Any]) -> dict[str, Any]:
+        """--model-args defaults from the `native_args` of a `hubconv.json` that `hubconv convert` wrote from this
+        framework (so the model goes back to the layout it came from); explicit --model-args win."""
+        return {}
+
     def lossy_inverse(self, record: Mapped, hf: Mapping[str, LazyTensor], args: Mapping[str, Any]) -> list[LazyTensor]:
         """Native tensors for a rule whose forward step was lossy; refuse when there is no sensible inverse."""
         raise MappingError(f"{record.rule.describe()} is lossy ({'; '.join(record.lossy)}): no inverse for import")
@@ -210,6 +215,10 @@ class TorchTitanImport(ImportFormat):
         a["key_style"] = style
         a["head_key"] = "lm_head" if style == "qkv_linear" else "output"
         return a
+
+    def defaults_from_record(self, native: Mapping[str, Any]) -> dict[str, Any]:
+        style = native.get("key_style")
+        return {"key_style": style} if style in ("qkv_linear", "legacy") else {}
 
     def finish(self, tensors: list[LazyTensor], args: Mapping[str, Any]) -> list[LazyTensor]:
         """A tied model's state dict holds the head under its own key too (same data): write it, so that
@@ -362,6 +371,12 @@ class NanoGPTImport(ImportFormat):
             "bos_token_id": config.get("bos_token_id"),
             "eos_token_id": config.get("eos_token_id"),
         }
+
+    def defaults_from_record(self, native: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: native[k] for k in ("vocab_size", "bias") if k in native}
+        if isinstance(native.get("dropout"), int | float):
+            out["dropout"] = float(native["dropout"])
+        return out
 
     def lossy_inverse(self, record: Mapped, hf: Mapping[str, LazyTensor], args: Mapping[str, Any]) -> list[LazyTensor]:
         (name,) = record.targets

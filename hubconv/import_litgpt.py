@@ -142,6 +142,10 @@ class LitGPTImport(ImportFormat):
         a["litgpt_config"] = c
         return a
 
+    def defaults_from_record(self, native: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: native[k] for k in ("padded_vocab_size", "name") if native.get(k)}
+        return out
+
     def lossy_inverse(self, record: Mapped, hf: Mapping[str, LazyTensor], args: Mapping[str, Any]) -> list[LazyTensor]:
         if record.sources in (["transformer.wte.weight"], ["lm_head.weight"]):
             return [pad_rows(hf[record.targets[0]], args["padded_vocab_size"], record.sources[0])]

@@ -178,6 +178,10 @@ class MegatronImport(ImportFormat):
             "add_qkv_bias": qkv_bias,
         }
 
+    def defaults_from_record(self, native: Mapping[str, Any]) -> dict[str, Any]:
+        divisible = native.get("make_vocab_size_divisible_by")
+        return {"make_vocab_size_divisible_by": divisible} if isinstance(divisible, int) and divisible > 0 else {}
+
     def lossy_inverse(self, record: Mapped, hf: Mapping[str, LazyTensor], args: Mapping[str, Any]) -> list[LazyTensor]:
         if not record.sources:  # a synthesized zero bias of a bias-free model: Megatron has no tensor for it
             return []

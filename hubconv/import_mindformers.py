@@ -127,6 +127,9 @@ class MindFormersImport(ImportFormat):
         a["model_config"] = c
         return a
 
+    def defaults_from_record(self, native: Mapping[str, Any]) -> dict[str, Any]:
+        return {"qkv_concat": bool(native["qkv_concat"])} if "qkv_concat" in native else {}
+
     def write(self, staging: str, model: NativeModel, hf_dir: str, progress: Progress) -> list[str]:
         from hubconv.io.mindspore_ckpt_writer import write_mindspore_ckpt
 

@@ -65,6 +65,7 @@ class ImportResult:
     tp: int = 1
     pp: int = 1
     dtype: str = "auto"
+    defaults_from_hubconv_json: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +161,27 @@ def open_hf(src: Source) -> Checkpoint:
                 raise CheckpointError(f"{src.folder}: tensor {k!r} appears in more than one file")
             merged.tensors[k] = t
     return merged
+
+
+def record_defaults(folder: str, adapter: str, fmt: ImportFormat) -> dict[str, Any]:
+    """Defaults from the folder's `hubconv.json` when hubconv converted it from this same framework (a model going
+    back where it came from keeps its key names, padding, fusion); anything unreadable there is ignored."""
+    path = os.path.join(folder, "hubconv.json")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if (
+        not isinstance(record, dict)
+        or record.get("adapter") != adapter
+        or not isinstance(record.get("native_args"), dict)
+    ):
+        return {}
+    try:
+        return fmt.defaults_from_record(record["native_args"])
+    except (KeyError, TypeError, ValueError):
+        return {}
 
 
 def read_config(folder: str) -> dict[str, Any]:
@@ -387,6 +409,8 @@ def import_model(
             f"config.json: model_type={config.get('model_type')!r} cannot be imported into {adapter.name} "
             f"(it imports {', '.join(fmt.model_types)})"
         )
+    defaults = record_defaults(src.folder, adapter.name, fmt)
+    user = {**defaults, **user}
     with open_hf(src) as hf_ckpt:
         hf = hf_ckpt.tensors
         args = native_args(adapter, fmt, config, hf, user, tp, pp)
@@ -416,6 +440,7 @@ def import_model(
                 output=os.path.abspath(output),
                 files={},
                 native_args={k: v for k, v in native.args.items()},
+                defaults_from_hubconv_json=defaults,
                 lossy=native.lossy,
                 dropped=native.dropped,
                 parity=parity,

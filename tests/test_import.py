@@ -345,3 +345,23 @@ def test_dtype_cast_on_import_and_cli_output(tmp_path) -> None:
     assert json.load(open(os.path.join(out, "import.json")))["dtype"] == "bfloat16"
     again = hubconv("import", "--adapter", "torchtitan", "--model", hf, "--output", out, "--quiet")
     assert again.returncode == 1 and again.stderr.startswith("hubconv: error: ") and "--overwrite" in again.stderr
+
+
+def test_hubconv_json_of_the_same_framework_sets_defaults(tmp_path) -> None:
+    """A folder converted from TorchTitan's legacy names goes back to them without --model-args (its hubconv.json
+    says so); an explicit key_style wins; a folder without hubconv.json gets the 0.3 names."""
+    _, _, hf, _ = _titan(tmp_path, "legacy-gqa-tied-scaled")
+    out = str(tmp_path / "auto")
+    result = import_model("torchtitan", hf, out, verify_parity=False, progress=False)
+    assert result.defaults_from_hubconv_json == {"key_style": "legacy"}
+    with open_checkpoint(os.path.join(out, "checkpoint")) as ckpt:
+        assert "layers.0.attention.wq.weight" in ckpt.tensors and "output.weight" in ckpt.tensors
+    forced = str(tmp_path / "forced")
+    import_model("torchtitan", hf, forced, model_args={"key_style": "qkv_linear"}, verify_parity=False, progress=False)
+    with open_checkpoint(os.path.join(forced, "checkpoint")) as ckpt:
+        assert "layers.0.attention.qkv_linear.wq.weight" in ckpt.tensors
+    os.remove(os.path.join(hf, "hubconv.json"))
+    plain = str(tmp_path / "plain")
+    assert import_model("torchtitan", hf, plain, verify_parity=False, progress=False).defaults_from_hubconv_json == {}
+    with open_checkpoint(os.path.join(plain, "checkpoint")) as ckpt:
+        assert "lm_head.weight" in ckpt.tensors and "layers.0.attention.qkv_linear.wk.weight" in ckpt.tensors
