@@ -2,13 +2,14 @@
 
 - `run_worker`: worker I of N converts only its shards of the deterministic shard plan (a contiguous run of about
   1/N of them), pre-uploads each one as soon as it is written (LFS, `preupload_lfs_files`, at most two shards on
-  disk) and writes the manifest `hubconv-shards-I-of-N.json`: name, size and sha256 of every shard it uploaded,
-  who it was, and the fingerprint of the plan (shard layout, configs, hubconv version, a sampled identity of the
-  checkpoint's bytes).
+  disk) and writes the manifest `hubconv-shards-I-of-N.json`: name, size and sha256 of every shard it uploaded
+  and of each of its tensors (read back before the upload), who it was, and the fingerprint of the plan (shard
+  layout, configs, hubconv version, mapping file, a sampled identity of the checkpoint's bytes).
 - `finalize`: reads the N manifests and refuses a missing, duplicated, foreign (other plan, checkpoint, config,
   repo) or incomplete one; asks the Hub whether it holds every shard's LFS object; builds the rest of the release
-  exactly as `hubconv release --stream-upload` does (config, index, tokenizer, hubconv.json, verification, card);
-  then makes the one atomic commit (tag / Hub PR as `hubconv push`).
+  exactly as `hubconv release --stream-upload` does (config, index, tokenizer, hubconv.json, card) with the smoke
+  test streamed from its own conversion plan, every tensor checked against the sha256 its worker reported; then
+  makes the one atomic commit (tag / Hub PR as `hubconv push`).
 
 Nothing is committed before every check passed: objects uploaded by the workers of a release that fails stay
 unreferenced on the Hub. Re-running a worker converts again and uploads nothing the Hub already holds.
@@ -186,20 +187,23 @@ def run_worker(
 
         disable_progress_bars()
     cfg.require_hub()
-    preflight(cfg.hub.repo_id, endpoint=endpoint or cfg.hub.endpoint, token=token, fields=CONFIG_FIELDS)
+    repo_id, endpoint = cfg.hub.repo_id, endpoint or cfg.hub.endpoint
+    assert repo_id is not None
+    preflight(repo_id, endpoint=endpoint, token=token, fields=CONFIG_FIELDS)
     plan = layout(cfg)
+    assert cfg.adapter is not None and cfg.checkpoint is not None  # required by layout()
     own = assigned(plan.filenames, index, count)
-    api = open_repo(cfg.hub.repo_id, endpoint=endpoint or cfg.hub.endpoint, token=token, private=cfg.hub.private)
+    api = open_repo(repo_id, endpoint=endpoint, token=token, private=cfg.hub.private)
     uploader = None
     written: dict[str, dict[str, Any]] = {}  # per-tensor digests of the shards, read back before each upload
     if own:
-        uploader = _WorkerUploader(api, cfg.hub.repo_id, set(own))
+        uploader = _WorkerUploader(api, repo_id, set(own))
         digests = DigestingSink(uploader)
         with tempfile.TemporaryDirectory(prefix="hubconv-worker-", dir=work_dir) as scratch:
             try:
                 convert(
-                    cfg.adapter,  # type: ignore[arg-type]  # checked by layout()
-                    cfg.checkpoint,  # type: ignore[arg-type]
+                    cfg.adapter,
+                    cfg.checkpoint,
                     os.path.join(scratch, "model"),
                     model_args=cfg.model_args,
                     dtype=cfg.dtype,
@@ -230,14 +234,14 @@ def run_worker(
     )
     if [s["file"] for s in shards] != own:
         raise HubconvError(f"worker {index}/{count}: uploaded {[s['file'] for s in shards]}, planned {own}")
-    missing = missing_lfs_objects(api, cfg.hub.repo_id, [(s["sha256"], s["size"]) for s in shards])  # type: ignore[arg-type]
+    missing = missing_lfs_objects(api, repo_id, [(s["sha256"], s["size"]) for s in shards])
     if missing:
         gone = next(s["file"] for s in shards if s["sha256"] in missing)
         raise HubconvError(f"worker {index}/{count}: {gone} was uploaded but the Hub does not list it; run it again")
     manifest = {
         "format": MANIFEST_FORMAT,
         "fingerprint": plan.fingerprint,
-        "repo_id": cfg.hub.repo_id,
+        "repo_id": repo_id,
         "endpoint": redact_url(api.endpoint),
         "worker": _identity(index, count),
         "hubconv_version": __version__,
@@ -440,7 +444,7 @@ def finalize(
                 f"{cfg.hub.repo_id}; run that worker again; nothing was committed"
             )
     sink = ManifestSink(plan, manifests)
-    release = run_release(cfg, overwrite=overwrite, progress=progress, tag=tag, sink=sink)  # type: ignore[arg-type]
+    release = run_release(cfg, overwrite=overwrite, progress=progress, tag=tag, sink=sink)
     pushed = push(
         release.output,
         cfg.hub.repo_id,
