@@ -227,6 +227,22 @@ register(
 )
 
 
+def _split_interleaved_rows(inputs, names, params):
+    (src,) = inputs
+    return V.split_interleaved_rows(src, names)
+
+
+register(
+    Op(
+        "split_interleaved_rows",
+        _split_interleaved_rows,
+        lambda p, s, d: ("interleave_rows", {}),
+        n_out=None,
+        doc="undo a row-by-row alternation: output i takes rows i, i+n, ... (MindSpore w_gate_hidden), read in blocks",
+    )
+)
+
+
 def _transpose_groups(inputs, names, params):
     (src,) = inputs
     g, r = _int(params, "groups", "transpose_groups"), _int(params, "rows", "transpose_groups")

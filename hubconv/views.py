@@ -204,6 +204,27 @@ def interleave_rows(sources: Sequence[LazyTensor], name: str) -> Rows:
     return interleave_groups(sources, [1] * len(sources), rows(sources[0].shape), name)
 
 
+class EveryNthRow(View):
+    """Rows `first`, `first + n`, `first + 2n`, ... of `src`: one part of a row-by-row interleave.
+
+    Read in blocks of whole interleave periods (every part's rows, then every n-th kept), so it costs one
+    block of memory, where `split_groups` with one-row groups holds a piece (and a file segment) per row."""
+
+    def __init__(self, name: str, src: LazyTensor, first: int, n: int):
+        if n <= 0 or not 0 <= first < n or not src.shape or src.shape[0] % n:
+            raise MappingError(f"{src.name}: {rows(src.shape)} rows cannot be split row by row into {n} parts")
+        self.name, self.dtype, self.src, self.first, self.n = name, src.dtype, src, first, n
+        self.shape = (src.shape[0] // n, *src.shape[1:])
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return np.ascontiguousarray(self.src.read_rows(self.n * start, self.n * stop)[self.first :: self.n])
+
+
+def split_interleaved_rows(src: LazyTensor, names: Sequence[str]) -> list[View]:
+    """Inverse of `interleave_rows`: [a0; b0; a1; b1; ...] -> a, b (MindSpore's `w_gate_hidden` -> gate, up)."""
+    return [EveryNthRow(n, src, i, len(names)) for i, n in enumerate(names)]
+
+
 # ------------------------------------------------------------------------------ column concat
 
 
