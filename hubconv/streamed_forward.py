@@ -548,6 +548,8 @@ class StreamedModel:
             return self.model(input_ids=input_ids.to(self.device), **kwargs)
 
     def logits(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of one pass, called as users call the model: `use_cache` is left to the config (with
+        `use_cache=False`, transformers reads non-consecutive position ids as packed sequences)."""
         kwargs = {} if positions is None else {"position_ids": positions.reshape(1, -1).to(self.device)}
         return self.forward(tokens, what="parity forward", **kwargs).logits
 
