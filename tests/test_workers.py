@@ -41,6 +41,21 @@ def commits_since(hub: DevHub, mark: int) -> list[dict]:
     return [r for r in hub.requests(method="POST", since=mark) if "/commit/" in r["path"]]
 
 
+def run_workers(hub: DevHub, env: dict, n: int, manifests: str, repo: str = REPO) -> list[tuple[str, str, int]]:
+    """Workers 1..n as processes at the same time: (stdout, stderr, exit status) of each."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "hubconv", *worker_args(hub, i, n, manifests, repo)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(1, n + 1)
+    ]
+    return [(*p.communicate(), p.returncode) for p in procs]
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     with DevHub(str(tmp_path_factory.mktemp("devhub") / "data"), orgs=("org",)) as server:
@@ -59,20 +74,9 @@ def published(hub, env, tmp_path_factory) -> dict:
     """N worker processes at once, then the final step: the manifests folder, every log, the uploads made."""
     base = tmp_path_factory.mktemp("sharded")
     manifests = str(base / "manifests")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "hubconv", *worker_args(hub, i, N, manifests)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(1, N + 1)
-    ]
     logs = []
-    for p in procs:
-        out, err = p.communicate()
-        assert p.returncode == 0, err
+    for out, err, rc in run_workers(hub, env, N, manifests):
+        assert rc == 0, err
         logs += [out, err]
     uploads = hub.requests(method="PUT", path="/_devhub/lfs/upload")
     assert not commits_since(hub, 0)  # the workers commit nothing
@@ -170,20 +174,27 @@ def test_uploaded_bytes_that_differ_from_the_final_steps_conversion_fail_verific
     assert not (tmp_path / "release").exists()
 
 
-def test_a_failing_worker_makes_the_final_step_fail_with_nothing_committed(hub, env, tmp_path) -> None:
+def test_a_failing_worker_makes_the_final_step_fail_with_nothing_committed(published, hub, env, tmp_path) -> None:
     repo, manifests = "org/failing", str(tmp_path / "manifests")
-    rule = hub.inject_fault(method="PUT", path="/_devhub/lfs/upload", status=403, count=None)
+    # The Hub refuses worker 2/2's shards (5 to 9 of 9: the bytes the 3-worker run uploaded elsewhere).
+    theirs = [
+        s["sha256"]
+        for i in (2, 3)
+        for s in json.loads(open(os.path.join(published["manifests"], manifest_name(i, N))).read())["shards"]
+        if s["file"] >= "model-00005"
+    ]
+    assert len(theirs) == 5
+    rule = hub.inject_fault(method="PUT", path=f"/_devhub/lfs/upload/.*({'|'.join(theirs)})", status=403, count=None)
     try:
-        failed = hubconv(*worker_args(hub, 2, 2, manifests, repo), env=env)
+        (_, ok_err, ok_rc), (_, failed, failed_rc) = run_workers(hub, env, 2, manifests, repo)
     finally:
         hub.faults.remove(rule["id"])
-    assert failed.returncode == 1
-    last = failed.stderr.strip().splitlines()[-1]  # one of its own shards (5 to 9 of 9) could not be uploaded
+    assert ok_rc == 0, ok_err
+    assert failed_rc == 1
+    last = failed.strip().splitlines()[-1]  # one of its own shards could not be uploaded
     assert re.match(r"hubconv: error: streaming upload failed: .*'model-0000[5-9]-of-00009\.safetensors'", last)
-    assert "%|" not in failed.stderr  # no upload progress bars in logs
-    assert not os.path.exists(os.path.join(manifests, manifest_name(2, 2)))
-    ok = hubconv(*worker_args(hub, 1, 2, manifests, repo), env=env)
-    assert ok.returncode == 0, ok.stderr
+    assert "%|" not in failed  # no upload progress bars in logs
+    assert sorted(os.listdir(manifests)) == [manifest_name(1, 2)]
     r = hubconv(*finalize_args(hub, manifests, str(tmp_path / "release"), repo), env=env)
     assert r.returncode == 1
     assert f"worker 2/2: no manifest in {manifests}" in r.stderr
