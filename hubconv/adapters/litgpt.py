@@ -246,7 +246,7 @@ def tokenizer_source(folder: str) -> str | None:
 
 class LitGPTAdapter(RuleAdapter):
     name = "litgpt"
-    description = "LitGPT checkpoint folders (lit_model.pth + model_config.yaml; plain or pretrain checkpoints)"
+    description = "LitGPT checkpoint folders (lit_model.pth + model_config.yaml; plain, pretrain or finetune saves)"
     families = tuple(MODEL_TYPES)
     model_types = tuple(MODEL_TYPES.values())
     model_type = "llama"
