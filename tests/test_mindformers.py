@@ -231,6 +231,23 @@ def test_split_tensors_are_copied_as_segments(tmp_path: Path) -> None:
     assert read_all(emb).tobytes() == W.raw_bytes(model.tok_embeddings.weight)
 
 
+def test_interleaved_gate_hidden_is_read_in_blocks_not_per_row_segments(tmp_path: Path) -> None:
+    """The row-interleaved w_gate_hidden halves are served by a strided block view (memory flat in the model size),
+    and hold exactly w1's and w3's rows; the grouped w_qkv split stays a file-segment view."""
+    model = L.build(seed=19, num_heads=8, n_kv_heads=2)
+    ckpt = open_checkpoint(_save(tmp_path, model, qkv_concat=True))
+    args = ADAPTER.load_args(_run_config(tmp_path / "a.yaml", model, qkv_concat=True))
+    targets = {t.name: t for t in ADAPTER.plan(ckpt, "llama", args).targets}
+    gate, up = targets["model.layers.1.mlp.gate_proj.weight"], targets["model.layers.1.mlp.up_proj.weight"]
+    assert gate.segments() is None and up.segments() is None
+    ffn = model.layers[1].feed_forward
+    assert read_all(gate).tobytes() == W.raw_bytes(ffn.w1.weight)
+    assert read_all(up).tobytes() == W.raw_bytes(ffn.w3.weight)
+    assert gate.read_rows(5, 9).tobytes() == W.raw_bytes(ffn.w1.weight[5:9])
+    k = targets["model.layers.1.self_attn.k_proj.weight"]
+    assert len(k.segments()) == 2 and read_all(k).tobytes() == W.raw_bytes(model.layers[1].attention.wk.weight)
+
+
 def test_padded_vocabulary_is_trimmed_to_the_tokenizer(tmp_path: Path) -> None:
     model = L.build(seed=12, vocab_size=128)
     src = _save(tmp_path, model)

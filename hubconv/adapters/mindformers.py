@@ -298,7 +298,7 @@ class MindFormersAdapter(RuleAdapter):
         rules.append(Rule(f"{L}ffn_norm.weight", f"{H}post_attention_layernorm.weight"))
         if a["qkv_concat"]:
             op = (
-                ("split_groups", {"groups": ffn, "rows": [1, 1]})
+                ("split_interleaved_rows", {})
                 if a["ffn_layout"] == "interleaved"
                 else ("split_rows", {"sizes": [ffn, ffn]})
             )
@@ -325,7 +325,8 @@ class MindFormersAdapter(RuleAdapter):
     def plan(self, ckpt: Checkpoint, family: str, user_args: Mapping[str, Any]) -> ConversionPlan:
         self._strings = frozenset(e for e in ckpt.entries if isinstance(ckpt.values.get(e), str))
         plan = super().plan(ckpt, family, user_args)
-        plan.model_type = "qwen2" if plan.native_args["qkv_has_bias"] else "llama"
+        a = plan.native_args
+        plan.model_type = "qwen2" if a["qkv_has_bias"] else "llama"
         if plan.native_args["rope_permute"]:
             plan.notes.append("Q/K rows permuted from Meta's interleaved RoPE layout (rope_permute: true)")
         return plan
