@@ -470,3 +470,28 @@ def test_api_errors_are_hubconv_errors(tmp_path: Path) -> None:
     with pytest.raises(HubconvError, match=r"unknown field 'n_heads'.*did you mean 'n_head'"):
         adapter.load_args({"n_heads": 4})
     assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_sentencepiece_tokenizer_model_in_the_folder(tmp_path: Path) -> None:
+    """A Llama-2 style LitGPT folder carries only tokenizer.model (SentencePiece): it is converted with the weights,
+    ids identical to SentencePiece's, BOS/EOS from generation_config.json."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Lightning fast: a hackable implementation of language models, 42 of them.\n" * 200)
+    model = M.build(M.llama_like(vocab_size=320), seed=1)
+    folder = Path(M.save(model, str(tmp_path / "ckpt")))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, hard_vocab_limit=False, minloglevel=2,
+                                   num_threads=1)  # fmt: skip
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    record = _cli_convert(folder, tmp_path / "hf")
+    assert (record["native_args"]["bos_token_id"], record["native_args"]["eos_token_id"]) == (1, 2)
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "Lightning models: 42 hackable ünïcödé"
+    assert tok(text, add_special_tokens=False).input_ids == sp.encode(text)
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+    assert _hf_parity(model, tmp_path / "hf").ok
