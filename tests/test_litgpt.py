@@ -495,3 +495,26 @@ def test_sentencepiece_tokenizer_model_in_the_folder(tmp_path: Path) -> None:
     assert tok(text, add_special_tokens=False).input_ids == sp.encode(text)
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
     assert _hf_parity(model, tmp_path / "hf").ok
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "llama-gqa-legacy", "qwen2-tied", "phi", "pythia", "pythia-legacy"])
+def test_targets_are_file_segments(tmp_path: Path, case: str) -> None:
+    """Every QKV split/regroup and vocabulary trim is a row view over lit_model.pth: the writer copies file
+    segments (no decoding, no whole tensor in memory); only synthesized zeros have none."""
+    config, save, tie, _ = CASES[case]
+    model = M.build(config, seed=1)
+    if tie:
+        _tie(model)
+    folder = M.save(model, str(tmp_path / "ckpt"), **save)
+    adapter = LitGPTAdapter()
+    with adapter.open(folder) as ckpt:
+        plan = adapter.plan(ckpt, adapter.detect_family(ckpt), {})
+        assert all(t.segments() for t in plan.targets), [t.name for t in plan.targets if not t.segments()]
+        qkv = "gpt_neox.layers.0.attention.query_key_value.weight" if case.startswith("pythia") else None
+        if qkv:  # the regrouped fused QKV is [q0; k0; v0; q1; ...], one head (16 rows) per piece
+            assert len(next(t for t in plan.targets if t.name == qkv).segments()) == (1 if "legacy" in case else 12)
+
+
+def test_family_named_on_the_command_line_must_match(tmp_path: Path) -> None:
+    folder = M.save(M.build(M.llama_like(), seed=1), str(tmp_path / "ckpt"))
+    _fails(tmp_path, folder, r"the config describes a llama model, not phi", "--adapter", "litgpt:phi")
