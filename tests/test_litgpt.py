@@ -518,3 +518,12 @@ def test_targets_are_file_segments(tmp_path: Path, case: str) -> None:
 def test_family_named_on_the_command_line_must_match(tmp_path: Path) -> None:
     folder = M.save(M.build(M.llama_like(), seed=1), str(tmp_path / "ckpt"))
     _fails(tmp_path, folder, r"the config describes a llama model, not phi", "--adapter", "litgpt:phi")
+
+
+def test_keep_padded_vocab(tmp_path: Path) -> None:
+    """keep_padded_vocab: true keeps every embedding and head row (nothing inexact); logits agree on all of them."""
+    model = M.build(M.pythia_like(), seed=6)
+    record = _cli_convert(M.save(model, str(tmp_path / "ckpt")), tmp_path / "hf", {"keep_padded_vocab": True})
+    assert _config(tmp_path / "hf")["vocab_size"] == model.config.padded_vocab_size == 256
+    assert record["lossy"] == {} and record["native_args"]["keep_padded_vocab"] is True
+    assert _hf_parity(model, tmp_path / "hf").ok
