@@ -31,7 +31,7 @@ from hubconv.adapters import registry
 from hubconv.adapters.generic import RuleAdapter, same_data
 from hubconv.atomic import prepare_output, publish_dir, staging_dir
 from hubconv.dtypes import DType, parse_user_dtype
-from hubconv.errors import CheckpointError, HubconvError, MappingError, ModelArgsError
+from hubconv.errors import CheckpointError, HubconvError, MappingError, ModelArgsError, OutputError
 from hubconv.import_formats import FORMATS, ImportFormat, NativeModel
 from hubconv.io.checkpoint import Checkpoint
 from hubconv.io.tensor import LazyTensor, nbytes
@@ -417,6 +417,12 @@ def import_model(
         native = map_to_native(adapter, fmt, hf, args)
         native.dtype = out_dtype
         staging = staging_dir(output, "import")
+        need = sum(nbytes(t) for t in native.tensors) + (16 << 20)
+        free = shutil.disk_usage(os.path.dirname(staging)).free
+        if free < need:
+            raise OutputError(
+                f"{output}: not enough free disk space: the import needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+            )
         if os.path.exists(staging):
             shutil.rmtree(staging)
         os.makedirs(staging)
