@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -93,28 +94,44 @@ CASES: dict[str, tuple[M.Config, dict[str, Any], bool, str]] = {
 # ------------------------------------------------------------------------------------------------ parity
 
 
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory):
+    """case -> (LitGPT model as saved, its checkpoint folder, the folder `hubconv convert` wrote, hubconv.json),
+    converted once per module through the command line."""
+    done: dict[str, tuple[M.GPT, str, Path, dict]] = {}
+
+    def get(case: str) -> tuple[M.GPT, str, Path, dict]:
+        if case not in done:
+            config, save, tie, _ = CASES[case]
+            base = tmp_path_factory.mktemp(case)
+            model = M.build(config, seed=3)
+            if tie:
+                _tie(model)
+            folder = M.save(model, str(base / "ckpt"), **save)
+            if save.get("dtype") is not None:  # the reference computes with the weights as stored
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.copy_(p.to(save["dtype"]).float())
+            done[case] = (model, folder, base / "hf", _cli_convert(folder, base / "hf"))
+        return done[case]
+
+    return get
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_parity_with_litgpt(tmp_path: Path, case: str) -> None:
+def test_parity_with_litgpt(converted, case: str) -> None:
     config, save, tie, model_type = CASES[case]
-    model = M.build(config, seed=3)
-    if tie:
-        _tie(model)
-    folder = M.save(model, str(tmp_path / "ckpt"), **save)
-    if save.get("dtype") is not None:  # the reference computes with the weights as stored
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.to(save["dtype"]).float())
-    record = _cli_convert(folder, tmp_path / "hf")
+    model, _, out, record = converted(case)
+    for spread in (False, True):
+        p = _hf_parity(model, out, spread=spread)
+        assert p.ok and p.positions >= 64, f"{case} spread={spread}: {p}"
     if save.get("dtype") is torch.bfloat16:
         from safetensors import safe_open
 
-        with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
             assert f.get_slice("model.layers.0.self_attn.q_proj.weight").get_dtype() == "BF16"
-        assert _config(tmp_path / "hf")["head_dim"] == 32
-    for spread in (False, True):
-        p = _hf_parity(model, tmp_path / "hf", spread=spread)
-        assert p.ok and p.positions >= 64, f"{case} spread={spread}: {p}"
-    hf = _config(tmp_path / "hf")
+        assert _config(out)["head_dim"] == 32
+    hf = _config(out)
     assert hf["model_type"] == model_type and record["native_args"]["family"] == model_type
     assert hf["vocab_size"] == config.vocab_size and hf["tie_word_embeddings"] is tie
     assert hf["max_position_embeddings"] == config.block_size
@@ -210,13 +227,10 @@ def test_legacy_layout_read_as_current_fails(tmp_path: Path) -> None:
         "phi-full-rotary",
     ],
 )
-def test_each_config_setting_matters(tmp_path: Path, case: str, change: dict) -> None:
+def test_each_config_setting_matters(tmp_path: Path, converted, case: str, change: dict) -> None:
     """Negative controls: undoing one translated setting in config.json breaks parity, so each one is needed."""
-    config, save, tie, _ = CASES[case]
-    model = M.build(config, seed=3)
-    if tie:
-        _tie(model)
-    _cli_convert(M.save(model, str(tmp_path / "ckpt"), **save), tmp_path / "hf")
+    model, _, out, _ = converted(case)
+    shutil.copytree(out, tmp_path / "hf")
     assert _hf_parity(model, tmp_path / "hf").ok
     _edit_config(tmp_path / "hf", **change)
     assert not _hf_parity(model, tmp_path / "hf").ok
