@@ -201,6 +201,14 @@ def test_a_failing_worker_makes_the_final_step_fail_with_nothing_committed(publi
     assert set(hub.files(repo)) == {".gitattributes"}  # the repo as created: no model file committed
 
 
+def test_more_workers_than_shards_leave_some_without_work(published, hub, env, tmp_path) -> None:
+    mark = hub.mark()
+    r = hubconv(*worker_args(hub, 1, 10, str(tmp_path)), env=env)  # 9 shards for 10 workers: the first gets none
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / manifest_name(1, 10)).read_text())["shards"] == []
+    assert hub.requests(method="PUT", path="/_devhub/lfs/upload", since=mark) == []
+
+
 def _cfg(**changes) -> object:
     cfg = load_config(EXAMPLE_CONFIG)
     cfg.max_shard_size = SHARD_SIZE
