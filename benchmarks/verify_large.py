@@ -34,7 +34,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from convert import folder_bytes, make_checkpoint, run, warm  # noqa: E402
+from convert import folder_bytes, hwm, make_checkpoint, tree_rss, warm  # noqa: E402
 from parity import MODEL_ARGS, SHAPE, init_like_training  # noqa: E402
 
 CGROUP_ROOT = "/sys/fs/cgroup/memory"
@@ -77,16 +77,46 @@ def _release_cmd(hubconv: str, ckpt: str, args_file: str, out: str) -> list[str]
     ]
 
 
+def run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int, float, float]:
+    """(wall s, peak RSS of the process (VmHWM), sampled peak RSS of its tree, CPU s of the tree, load average).
+
+    As benchmarks/convert.py's `run`, plus the CPU time of the process and its children (wait4), so that runs on a
+    shared machine can be compared: wall time there depends on the other load (reported as the 1-minute load
+    average at the end)."""
+    import threading
+
+    subprocess.run(["sync"], check=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **env})
+    peak, peak_tree, done = 0, 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak, peak_tree
+        while not done.is_set():
+            peak = max(peak, hwm(proc.pid))
+            peak_tree = max(peak_tree, tree_rss(proc.pid))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stderr = proc.stderr.read().decode() if proc.stderr else ""  # drained while running (progress lines)
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {stderr[-3000:]}")
+    return wall, peak, peak_tree, usage.ru_utime + usage.ru_stime, os.getloadavg()[0]
+
+
 def _measure(cmd: list[str], out: str, env: dict[str, str]) -> dict[str, object]:
-    old = dict(os.environ)
-    os.environ.update(env)
-    try:
-        wall, peak, tree = run(cmd)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    wall, peak, tree, cpu, load = run(cmd, env)
     row: dict[str, object] = {
         "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "load_average_1min": round(load, 1),
         "peak_rss_MiB": round(peak / 2**20, 1),
         "peak_rss_tree_MiB": round(tree / 2**20, 1),
         **_costs(out),
