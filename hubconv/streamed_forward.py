@@ -514,18 +514,14 @@ class StreamedModel:
 
     @contextmanager
     def _pass(self, what: str) -> Iterator[PassStats]:
+        """One forward pass, in which any op given a weight still on the meta device stops the pass: some torch
+        ops (F.linear with a CPU input) silently return uninitialized memory for a meta weight."""
         self._pass_stats = PassStats()
         self._bar = _Progress(self.progress, len(self._groups), what)
         start = time.perf_counter()
         try:
-            yield self._pass_stats
-        except (RuntimeError, NotImplementedError) as e:
-            if "meta" in str(e):
-                raise StreamUnsupported(
-                    f"{type(self.model).__name__}: its forward reads weights outside the module that owns them "
-                    f"({str(e).splitlines()[0][:200]})"
-                ) from None
-            raise
+            with _no_meta_inputs(type(self.model).__name__):
+                yield self._pass_stats
         finally:
             self._pass_stats.seconds = time.perf_counter() - start
             self.stats.passes += 1
@@ -580,6 +576,28 @@ class StreamedModel:
             h.remove()
         self._pool.clear()
         self.source.close()
+
+
+@contextmanager
+def _no_meta_inputs(model_name: str) -> Iterator[None]:
+    """Raise StreamUnsupported when an op receives a meta tensor: the model's forward used a weight outside the
+    call of the module that owns it (or a module ran without its weights), so streaming cannot serve it."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class NoMeta(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if any(isinstance(t, torch.Tensor) and t.is_meta for t in tree_leaves((args, kwargs))):
+                raise StreamUnsupported(
+                    f"{model_name}: its forward uses a weight outside the module that owns it ({func} on a "
+                    "weight not loaded): streamed verification cannot run it"
+                )
+            return func(*args, **kwargs)
+
+    with NoMeta():
+        yield
 
 
 @contextmanager

@@ -357,3 +357,23 @@ def test_smoke_cli_load_option(example_hf, tmp_path) -> None:
     assert "verified by streamed layer by layer from the safetensors files" in text
     bad = hubconv("smoke", str(folder), "--load", "partial")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_weights_read_outside_their_module_fall_back_to_the_full_load(example_hf, monkeypatch) -> None:
+    """A module that runs without its weights materialized (as when a forward reads another module's weight)
+    meets meta tensors: streaming is refused with the model named, and `auto` loads the model fully instead."""
+    from hubconv import streamed_forward
+
+    find = streamed_forward.StreamedModel._find_groups
+
+    def without_head(self):
+        groups = find(self)
+        return [g for g in groups if g is not self.model.lm_head]
+
+    monkeypatch.setattr(streamed_forward.StreamedModel, "_find_groups", without_head)
+    with pytest.raises(streamed_forward.StreamUnsupported, match="LlamaForCausalLM"):
+        run_smoke(example_hf, load="stream", parity=False, max_new_tokens=1)
+    monkeypatch.setattr(streamed_forward, "FULL_LOAD_MAX_BYTES", 0)  # auto would stream even this tiny model
+    report = run_smoke(example_hf, load="auto", parity=False, max_new_tokens=1)
+    assert report.mode == "full" and report.status == "pass"
+    assert report.checks[0].name == "load mode" and report.checks[0].status == "warn"
