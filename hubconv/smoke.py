@@ -247,10 +247,12 @@ def run_smoke(
     if positions < 64:
         raise HubconvError("smoke: parity needs at least 64 positions (layout bugs hide in short contexts)")
     device = _pick_device(device)
-    if weights is not None and load == "full":
-        raise HubconvError(
-            "smoke: the weights are not files in the folder (streamed upload): they cannot be fully loaded"
-        )
+    if load == "full":
+        if weights is not None:
+            raise HubconvError(
+                "smoke: the weights are not files in the folder (streamed upload): they cannot be fully loaded"
+            )
+        return _run_full(model_dir, prompts, max_new_tokens, parity, positions, native, device, dtype)
     opener = weights or (lambda: contextlib.closing(FileWeights(model_dir)))
     with opener() as source:
         avail = _mem_available() if device == "cpu" else _cuda_free()
