@@ -299,6 +299,8 @@ def test_model_config_sources_and_ffn_width() -> None:
         ({"extend_method": "NTK"}, r"extend_method='NTK' is not supported"),
         ({"qkv_layout": "per_head"}, r"qkv_layout='per_head': expected one of grouped, concat"),
         ({"vocab_size": 32000}, r"vocab_size=32000 contradicts the checkpoint"),
+        ({"theta": "ten thousand"}, r"theta='ten thousand' is not a positive number"),
+        ({"rope_permute": "yes"}, r"rope_permute='yes' must be true or false"),
     ],
 )
 def test_model_args_are_checked_against_the_shapes(tmp_path: Path, args: dict, match: str) -> None:

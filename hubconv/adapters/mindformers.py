@@ -98,6 +98,20 @@ def mindformers_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | 
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def _number(user: Mapping[str, Any], field: str, default: float) -> float:
+    value = user.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ModelArgsError(f"--model-args {field}={value!r} is not a positive number")
+    return float(value)
+
+
+def _flag(user: Mapping[str, Any], field: str, default: bool) -> bool:
+    value = user.get(field, default)
+    if not isinstance(value, bool):
+        raise ModelArgsError(f"--model-args {field}={value!r} must be true or false")
+    return value
+
+
 def _positive_int(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ModelArgsError(f"--model-args {field}={value!r} is not a positive integer")
@@ -235,13 +249,13 @@ class MindFormersAdapter(RuleAdapter):
         a["intermediate_size"] = ffn
         bias = any(k.endswith((".attention.wq.bias", ".attention.w_qkv.bias")) for k in tensors)
         a["qkv_has_bias"] = check("qkv_has_bias", bias, "q/k/v bias tensors present")
-        a["rms_norm_eps"] = float(user.get("rms_norm_eps", 1e-5))
-        a["theta"] = float(user.get("theta", 10000.0))
+        a["rms_norm_eps"] = _number(user, "rms_norm_eps", 1e-5)
+        a["theta"] = _number(user, "theta", 10000.0)
         a["rope_scaling"] = _rope_scaling(user)
         a["seq_length"] = _positive_int(
             user.get("max_position_embedding") or user.get("seq_length") or 4096, "seq_length"
         )
-        a["rope_permute"] = bool(user.get("rope_permute", False))
+        a["rope_permute"] = _flag(user, "rope_permute", False)
         if a["rope_permute"] and fused:
             raise ModelArgsError(
                 "--model-args rope_permute=true with a fused w_qkv: MindFormers only fuses weights in its own "
@@ -269,7 +283,7 @@ class MindFormersAdapter(RuleAdapter):
         stated = _positive_int(stated, "tokenizer_vocab_size")
         if stated > rows:
             raise MappingError(f"--model-args tokenizer_vocab_size={stated} exceeds the {rows} embedding rows")
-        keep = bool(user.get("keep_padded_vocab", False))
+        keep = _flag(user, "keep_padded_vocab", False)
         return {"tokenizer_vocab_size": stated, "keep_padded_vocab": keep, "hf_vocab_size": rows if keep else stated}
 
     # ---- tables and configs ------------------------------------------------------------------------
