@@ -354,6 +354,10 @@ REFUSAL_CASES = {
     "gemma-unscaled": (M.gemma_like(scale_embeddings=False), r"scale_embeddings: only the whole Gemma combination"),
     "shared-norm-sequential": (M.phi_like(parallel_residual=False), r"parallel_residual only"),
     "phi-without-head-bias": (M.phi_like(lm_head_bias=False), r"Phi has biases everywhere, lm_head included"),
+    "falcon-style": (
+        M.phi_like(bias=False, lm_head_bias=False, n_query_groups=1),
+        r"without biases .*\(Falcon style\)",
+    ),
     "llama-head-bias": (M.llama_like(lm_head_bias=True), r"lm_head_bias: a bias on lm_head exists in Phi-style"),
     "olmo": (M.pythia_like(name="OLMo-1B"), r"OLMo config"),
     # GemmaConfig rewrites hidden_act "gelu" to the tanh approximation: exact GELU cannot be expressed

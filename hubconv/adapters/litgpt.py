@@ -604,7 +604,10 @@ def _family(c: Mapping[str, Any], where: str) -> str:
             if not c["parallel_residual"]:
                 raise MappingError(f"{where}: shared_attention_norm: LitGPT has it with parallel_residual only")
             if not (c["bias"] and c["lm_head_bias"]):
-                raise MappingError(f"{where}: bias, lm_head_bias: Phi has biases everywhere, lm_head included")
+                raise MappingError(
+                    f"{where}: bias, lm_head_bias: a shared attention norm without biases everywhere (Falcon style) "
+                    "is not supported; Phi has biases everywhere, lm_head included"
+                )
             return "phi"
         if c["n_query_groups"] != c["n_head"]:
             raise MappingError(f"{where}: n_query_groups: GPT-NeoX has no grouped-query attention")
