@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from hubconv import views as V
 from hubconv.errors import MappingError
 from hubconv.io.tensor import LazyTensor
-from hubconv.native.nanogpt import _linear, _load, _rows
+from hubconv.native.streaming import linear as _linear
+from hubconv.native.streaming import load as _load
+from hubconv.native.streaming import rows as _rows
 
 
 def rope_cache(a: Mapping[str, Any], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,29 +14,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hubconv.dtypes import to_float32
-from hubconv.io.tensor import LazyTensor, read_all, row_blocks
-
-
-def _f32(raw: np.ndarray, t: LazyTensor) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(to_float32(raw, t.dtype), dtype=np.float32))
-
-
-def _load(t: LazyTensor) -> torch.Tensor:
-    return _f32(read_all(t), t).reshape(t.shape)
-
-
-def _linear(x: torch.Tensor, w: LazyTensor) -> torch.Tensor:
-    """x @ W.T with W read in row blocks (output features)."""
-    outs = []
-    for lo, hi in row_blocks(w.shape, 4, block=64 << 20):  # float32 blocks big enough for efficient matmuls
-        block = _f32(w.read_rows(lo, hi), w).reshape(hi - lo, -1)
-        outs.append(x @ block.T)
-    return torch.cat(outs, dim=-1)
+from hubconv.io.tensor import LazyTensor
+from hubconv.native.streaming import linear as _linear
+from hubconv.native.streaming import load_tensor as _load
+from hubconv.native.streaming import rows as _rows
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,8 +61,7 @@ def reference_logits(
     bsz, seq = tokens.shape
     hd, nh, nkv, eps = a["head_dim"], a["n_heads"], a["n_kv_heads"], a["norm_eps"]
     ids = tokens.reshape(-1).tolist()
-    rows = {i: _f32(emb.read_rows(i, i + 1), emb).reshape(-1) for i in set(ids)}
-    h = torch.stack([rows[i] for i in ids]).reshape(bsz, seq, -1)
+    h = _rows(emb, ids).reshape(bsz, seq, -1)
     pos = torch.arange(seq) if positions is None else positions.reshape(-1)
     freqs = _freqs_cis(hd, pos, a["rope_theta"], a.get("rope_scaling_args"))
     with torch.no_grad():

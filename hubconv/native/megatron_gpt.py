@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from hubconv.adapters.megatron_source import RankModels
 from hubconv.errors import MappingError
 from hubconv.io.tensor import LazyTensor
-from hubconv.native.nanogpt import _linear, _load, _rows
+from hubconv.native.streaming import linear as _linear
+from hubconv.native.streaming import load as _load
+from hubconv.native.streaming import rows as _rows
 
 
 def _inv_freq(a: Mapping[str, Any]) -> torch.Tensor:

@@ -16,29 +16,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hubconv.dtypes import to_float32
-from hubconv.io.tensor import LazyTensor, read_all, row_blocks
-
-
-def _f32(raw: np.ndarray, t: LazyTensor) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(to_float32(raw, t.dtype), dtype=np.float32))
-
-
-def _load(tensors: Mapping[str, LazyTensor], key: str) -> torch.Tensor | None:
-    t = tensors.get(key)
-    return None if t is None else _f32(read_all(t), t).reshape(t.shape)
-
-
-def _linear(x: torch.Tensor, w: LazyTensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    outs = []
-    for lo, hi in row_blocks(w.shape, 4, block=64 << 20):
-        outs.append(x @ _f32(w.read_rows(lo, hi), w).reshape(hi - lo, -1).T)
-    y = torch.cat(outs, dim=-1)
-    return y if b is None else y + b
+from hubconv.io.tensor import LazyTensor
+from hubconv.native.streaming import linear as _linear
+from hubconv.native.streaming import load as _load
+from hubconv.native.streaming import rows as _rows
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,8 +91,7 @@ def reference_logits(
     nh, nkv, hd, eps = a["num_heads"], a["n_kv_heads"], a["head_dim"], a["rms_norm_eps"]
     emb = tensors["model.tok_embeddings.embedding_weight"]
     ids = tokens.reshape(-1).tolist()
-    rows = {i: _f32(emb.read_rows(i, i + 1), emb).reshape(-1) for i in set(ids)}
-    h = torch.stack([rows[i] for i in ids]).reshape(bsz, seq, -1)
+    h = _rows(emb, ids).reshape(bsz, seq, -1)
     pos = (torch.arange(seq) if positions is None else positions.reshape(-1)).to(torch.float32)
     scaling = a.get("rope_scaling")
     if scaling and scaling.get("rope_type") == "linear":

@@ -12,37 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hubconv import views as V
-from hubconv.dtypes import to_float32
 from hubconv.errors import MappingError
-from hubconv.io.tensor import LazyTensor, read_all, row_blocks
-
-
-def _f32(raw: np.ndarray, t: LazyTensor) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(to_float32(raw, t.dtype), dtype=np.float32))
-
-
-def _load(tensors: Mapping[str, LazyTensor], key: str) -> torch.Tensor | None:
-    t = tensors.get(key)
-    return None if t is None else _f32(read_all(t), t).reshape(t.shape)
-
-
-def _linear(x: torch.Tensor, w: LazyTensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T (+ b) with W [out, in] read in row blocks of output features."""
-    outs = []
-    for lo, hi in row_blocks(w.shape, 4, block=64 << 20):
-        outs.append(x @ _f32(w.read_rows(lo, hi), w).reshape(hi - lo, -1).T)
-    y = torch.cat(outs, dim=-1)
-    return y if b is None else y + b
-
-
-def _rows(t: LazyTensor, ids: list[int]) -> torch.Tensor:
-    cache = {i: _f32(t.read_rows(i, i + 1), t).reshape(-1) for i in set(ids)}
-    return torch.stack([cache[i] for i in ids])
+from hubconv.io.tensor import LazyTensor
+from hubconv.native.streaming import linear as _linear
+from hubconv.native.streaming import load as _load
+from hubconv.native.streaming import rows as _rows
 
 
 def reference_logits(
