@@ -66,7 +66,9 @@ def hub(tmp_path_factory):
 def env(hub, tmp_path_factory) -> dict[str, str]:
     # Module fixtures run outside the per-test cache isolation: name the session cache explicitly.
     cache = str(tmp_path_factory.getbasetemp() / "hubconv-cache")
-    return {**os.environ, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1", "HUBCONV_CACHE_DIR": cache}
+    # The workers talk to the Hub: an offline flag left by an in-process smoke test of another module must not leak.
+    inherited = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    return {**inherited, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1", "HUBCONV_CACHE_DIR": cache}
 
 
 @pytest.fixture(scope="module")
