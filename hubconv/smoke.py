@@ -238,7 +238,8 @@ def run_smoke(
     converted tensors when they are not files in `model_dir` (`release --stream-upload`: the conversion
     plan's views, `streamed_forward.plan_weights`), which implies streaming. `progress`: line-based progress of
     passes over the weights (default: for large models)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Every load below passes local_files_only=True; no process-wide HF_HUB_OFFLINE, which huggingface_hub reads
+    # once at import and would keep a later push in the same process (or a child process) offline.
     from hubconv.progress_bars import quiet_library_progress_bars
     from hubconv.streamed_forward import FileWeights, choose_mode, weights_bytes
 
