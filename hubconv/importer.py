@@ -307,7 +307,6 @@ def verify(
 ) -> dict[str, Any]:
     """Native reference forward on the written checkpoint vs transformers on the HF model (float32)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from hubconv.progress_bars import quiet_library_progress_bars
     from hubconv.smoke import parity_positions
@@ -327,11 +326,7 @@ def verify(
         return {"status": "skipped", "reason": f"adapter {adapter.name} has no native reference forward"}
     # With --dtype the native weights were rounded to it: the transformers model gets the same rounding, and both
     # compute in float32.
-    dtype = getattr(torch, model.dtype.torch_name) if model.dtype is not None else torch.float32
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, local_files_only=True).float().eval()
-    with torch.no_grad():
-        got = hf_model(tokens, position_ids=pos[None].expand(batch, -1)).logits.float()
-    del hf_model
+    got, mode = _hf_logits(hf_dir, model, tokens, pos)
     ref = ref.float()
     if ref.shape != got.shape:
         raise HubconvError(f"parity: native logits {list(ref.shape)} vs transformers {list(got.shape)}")
@@ -347,7 +342,35 @@ def verify(
         "threshold": MAX_ABS_DIFF,
         "argmax_identical": same_argmax,
         "dtype": "float32",
+        "transformers_load": mode,
     }
+
+
+def _hf_logits(hf_dir: str, model: NativeModel, tokens: Any, pos: Any) -> tuple[Any, str]:
+    """Float32 logits of the HF model: loaded whole when small, else run through transformers' own forward one
+    module at a time (hubconv.streamed_forward), so verifying a large import needs about one layer of memory.
+    With --dtype the HF weights are first rounded to that dtype, which only the full load does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hubconv.smoke import _mem_available
+    from hubconv.streamed_forward import FileWeights, StreamedModel, choose_mode, weights_bytes
+
+    if model.dtype is None:
+        weights = FileWeights(hf_dir)
+        if choose_mode("auto", weights_bytes(weights, "float32"), _mem_available()) == "stream":
+            streamed = StreamedModel(hf_dir, weights, dtype="float32")  # closes `weights` with it
+            try:
+                with torch.no_grad():
+                    return streamed.logits(tokens, pos).float(), "streamed"
+            finally:
+                streamed.close()
+        weights.close()
+    dtype = getattr(torch, model.dtype.torch_name) if model.dtype is not None else torch.float32
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, local_files_only=True).float().eval()
+    with torch.no_grad():
+        got = hf_model(tokens, position_ids=pos[None].expand(tokens.shape[0], -1)).logits.float()
+    return got, "full"
 
 
 # ------------------------------------------------------------------------------------------------------- import

@@ -197,6 +197,23 @@ def test_torchtitan_dcp_loads_into_a_torchtitan_state_dict(tmp_path) -> None:
         assert 'initial_load_path = "./checkpoint"' in toml and "scaling_factor=8.0" in toml
 
 
+def test_large_imports_verify_through_the_streamed_transformers_forward(tmp_path, monkeypatch) -> None:
+    """Above the full-load size the transformers side of the parity check runs one module at a time (memory flat
+    in the model size), with the same verdict; a wrong native hyperparameter still fails it."""
+    import hubconv.import_formats as formats
+    import hubconv.streamed_forward as streamed
+
+    _, _, hf, _ = _titan(tmp_path, "qkv_linear-gqa-untied")
+    monkeypatch.setattr(streamed, "FULL_LOAD_MAX_BYTES", 0)
+    result = import_model("torchtitan", hf, str(tmp_path / "imported"), progress=False)
+    assert result.parity["status"] == "pass" and result.parity["transformers_load"] == "streamed"
+    assert result.parity["max_abs_diff"] <= 1e-5
+    real = formats.llama_common
+    monkeypatch.setattr(formats, "llama_common", lambda config, native: {**real(config, native), "rope_theta": 1e4})
+    with pytest.raises(HubconvError, match=r"parity failed"):
+        import_model("torchtitan", hf, str(tmp_path / "wrong"), progress=False)
+
+
 def test_torchtitan_parity_can_fail(tmp_path, monkeypatch) -> None:
     """Negative control: a wrong native hyperparameter (RoPE theta) makes the parity check fail; nothing is written."""
     import hubconv.import_formats as formats
