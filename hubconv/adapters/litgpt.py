@@ -33,7 +33,6 @@ Everything else is refused with the reason (`REFUSED` and `_family`): transforme
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -44,6 +43,8 @@ from hubconv import safe_yaml
 from hubconv import views as V
 from hubconv.adapters.base import ConversionPlan
 from hubconv.adapters.generic import RuleAdapter, same_data
+from hubconv.adapters.naming import did_you_mean as _suggest
+from hubconv.adapters.naming import strip_wrappers
 from hubconv.adapters.registry import register
 from hubconv.adapters.rules import Drop, Rule, RuleTable
 from hubconv.dtypes import BY_NAME
@@ -53,7 +54,6 @@ from hubconv.io.tensor import LazyTensor
 
 MODEL_FILE = "lit_model.pth"
 CONFIG_FILE = "model_config.yaml"
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
 MAX_JSON_BYTES = 1 << 20  # tokenizer_config.json / generation_config.json read for special-token ids
 MAX_TOKENIZER_JSON_BYTES = 64 << 20
 
@@ -149,22 +149,6 @@ _LORA = re.compile(r"(^|\.)lora_[AB]$|\.linear\.(weight|bias)$")
 _ADAPTER = re.compile(r"(^|\.)(adapter_wte|gating_factor|adapter_bias|adapter_scale)(\.|$)")
 
 MODEL_TYPES = {f: f for f in ("llama", "mistral", "qwen2", "gemma", "phi", "gpt_neox")}
-
-
-def _suggest(word: str, candidates: Any) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def strip_wrappers(key: str) -> str:
-    """`_orig_mod.module.transformer.wte.weight` -> `transformer.wte.weight` (any order, any count)."""
-    while True:
-        for p in WRAPPER_PREFIXES:
-            if key.startswith(p):
-                key = key[len(p) :]
-                break
-        else:
-            return key
 
 
 def _folder(ckpt: Checkpoint) -> str:

@@ -16,10 +16,10 @@ Features with no transformers counterpart hubconv maps are refused by name (see 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from typing import Any
 
+from hubconv.adapters.naming import did_you_mean
 from hubconv.errors import ModelArgsError
 
 ARCH_FIELDS = (
@@ -186,8 +186,7 @@ def check_user_fields(user: Mapping[str, Any]) -> None:
     known = ARCH_FIELDS + OPTION_FIELDS
     for k in user:
         if k not in known:
-            close = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(k, known)
             raise ModelArgsError(f"--model-args: unknown field {k!r}{hint}; known: {', '.join(known)}")
 
 

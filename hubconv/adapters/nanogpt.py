@@ -25,7 +25,6 @@ model-args file, else it is GPT-2's BPE (50257 tokens).
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -34,6 +33,8 @@ from typing import Any
 from hubconv import views as V
 from hubconv.adapters.base import ConversionPlan
 from hubconv.adapters.generic import RuleAdapter
+from hubconv.adapters.naming import did_you_mean as _suggest
+from hubconv.adapters.naming import strip_wrappers
 from hubconv.adapters.registry import register
 from hubconv.adapters.rules import Drop, Rule, RuleTable
 from hubconv.dtypes import BY_NAME
@@ -42,7 +43,6 @@ from hubconv.io.checkpoint import Checkpoint, open_checkpoint
 from hubconv.io.tensor import LazyTensor
 
 GPT2_BPE_VOCAB = 50257  # GPT-2's BPE vocabulary (tiktoken "gpt2"); nanoGPT pads it to 50304
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
 ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 OPTION_FIELDS = ("keep_padded_vocab", "tokenizer_vocab_size", "meta_pkl", "bos_token_id", "eos_token_id")
 
@@ -70,22 +70,6 @@ _BIASES = (
     ("mlp.c_fc", "4 * n_embd"),
     ("mlp.c_proj", "n_embd"),
 )
-
-
-def strip_wrappers(key: str) -> str:
-    """`module._orig_mod.transformer.wte.weight` -> `transformer.wte.weight` (any order, any count)."""
-    while True:
-        for p in WRAPPER_PREFIXES:
-            if key.startswith(p):
-                key = key[len(p) :]
-                break
-        else:
-            return key
-
-
-def _suggest(word: str, candidates: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _shown(path: str) -> str:
