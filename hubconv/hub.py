@@ -547,19 +547,8 @@ class StreamingUploader:
                 self._queue.task_done()
 
     def _record(self, path: str, op: Any, header: dict[str, Any]) -> None:
-        record_path = os.path.join(os.path.dirname(path), STREAM_RECORD)
-        os.makedirs(os.path.dirname(record_path), exist_ok=True)
-        records = {}
-        if os.path.exists(record_path):
-            with open(record_path) as f:
-                records = json.load(f)
-        records[op.path_in_repo] = {
-            "size": op.upload_info.size,
-            "sha256": op.upload_info.sha256.hex(),
-            "header": header,
-        }
-        with open(record_path, "w") as f:
-            json.dump(records, f)
+        entry = {"size": op.upload_info.size, "sha256": op.upload_info.sha256.hex(), "header": header}
+        add_stream_record(path, op.path_in_repo, entry)
 
     def flush(self) -> None:
         self._queue.join()
@@ -614,3 +603,17 @@ def missing_lfs_objects(api: Any, repo_id: str, objects: list[tuple[str, int]]) 
             raise HubconvError(f"{repo_id}: the Hub refused LFS object {first.get('oid')}: {first.get('error')}")
         missing |= {a["oid"] for a in actions if a.get("actions")}
     return missing
+
+
+def add_stream_record(shard_path: str, name: str, entry: dict[str, Any]) -> None:
+    """Record an uploaded (or pre-uploaded) shard `name` in the stream record beside `shard_path`: its size,
+    sha256 and safetensors header, which the final commit and `check_folder` use instead of the file."""
+    record_path = os.path.join(os.path.dirname(shard_path), STREAM_RECORD)
+    os.makedirs(os.path.dirname(record_path), exist_ok=True)
+    records = {}
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            records = json.load(f)
+    records[name] = entry
+    with open(record_path, "w") as f:
+        json.dump(records, f)

@@ -31,7 +31,7 @@ from hubconv import __version__
 from hubconv.config import ReleaseConfig
 from hubconv.credentials import redact_url
 from hubconv.errors import HubconvError
-from hubconv.hub import STREAM_RECORD, StreamingUploader
+from hubconv.hub import StreamingUploader, add_stream_record
 from hubconv.io.writer import ShardPlan
 
 MANIFEST_FORMAT = "hubconv-shard-manifest/1"
@@ -378,15 +378,9 @@ class ManifestSink:
         record = self.records.get(name)
         if record is None:
             raise HubconvError(f"{name}: in the shard plan but in no worker manifest")
-        record_path = os.path.join(os.path.dirname(path), STREAM_RECORD)
-        os.makedirs(os.path.dirname(record_path), exist_ok=True)
-        records = {}
-        if os.path.exists(record_path):
-            with open(record_path) as f:
-                records = json.load(f)
-        records[name] = {"size": record["size"], "sha256": record["sha256"], "header": self.plan.header(name)}
-        with open(record_path, "w") as f:
-            json.dump(records, f)
+        add_stream_record(
+            path, name, {"size": record["size"], "sha256": record["sha256"], "header": self.plan.header(name)}
+        )
         return True
 
     def tensor_digests(self, path: str) -> dict[str, dict[str, Any]]:
