@@ -71,7 +71,7 @@ def write_gpt_sw3_tokenizer(
         "remove_space": False,
         "keep_accents": False,
         **specials,
-        "model_max_length": model_max_length or 1_000_000_000_000_000_019_884_624_838_656,
+        **({"model_max_length": model_max_length} if model_max_length else {}),  # else transformers' "unlimited"
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     files = [VOCAB_FILE, "tokenizer_config.json"]

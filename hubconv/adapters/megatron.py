@@ -79,11 +79,10 @@ def tokenizer_vocab_size(path: str) -> int:
         raise ModelArgsError(f"tokenizer_model: {path}: no such file (a SentencePiece .model or tokenizer.json)")
     if os.path.getsize(file) > MAX_TOKENIZER_BYTES:
         raise ModelArgsError(f"tokenizer_model: {file}: larger than {MAX_TOKENIZER_BYTES >> 20} MiB")
-    with open(file, "rb") as f:
-        data = f.read()
     if file.endswith(".json"):
         try:
-            doc = json.loads(data)
+            with open(file, "rb") as f:
+                doc = json.load(f)
             vocab = doc["model"]["vocab"]
             ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
             ids += [t["id"] for t in doc.get("added_tokens") or []]
@@ -127,7 +126,8 @@ def _vocab(
     if user.get("vocab_size") is not None:
         tok = {"kind": "stated in --model-args", "vocab_size": user["vocab_size"]}
     elif user.get("tokenizer_model"):
-        tok = {"kind": "tokenizer_model", "vocab_size": tokenizer_vocab_size(str(user["tokenizer_model"]))}
+        found = str(user["tokenizer_model"])
+        tok = {"kind": "tokenizer_model", "vocab_size": tokenizer_vocab_size(found)}
     else:
         member = a.get("tokenizer_member")
         if ckpt.format == "nemo" and isinstance(member, str) and member.startswith("nemo:"):
@@ -226,7 +226,7 @@ class MegatronAdapter(RuleAdapter):
         )
         merged_model = merged(models, att, a["activation"] == "swiglu", a.get("num_layers"))
         tensors = merged_model.tensors
-        self._check_shapes(where, a, tensors, models)
+        self._check_shapes(where, a, tensors)
         MA.refuse_unsupported(a, where)  # again, now that the tensors settled what the config left open
         vocab, found = _vocab(ckpt, a, user, tensors[EMB].shape[0])
         a.update(vocab)
@@ -234,8 +234,6 @@ class MegatronAdapter(RuleAdapter):
             if user.get(k) is not None:
                 a[k] = user[k]
         a["target"] = MA.choose_target(a, where)
-        if user.get("tokenizer_model"):
-            found = str(user["tokenizer_model"])
         sentencepiece = (
             (found or "").endswith(".model")
             or str(a.get("tokenizer_library") or "").lower() == "sentencepiece"
@@ -256,7 +254,7 @@ class MegatronAdapter(RuleAdapter):
         return prepared
 
     @staticmethod
-    def _check_shapes(where: str, a: dict[str, Any], t: Mapping[str, LazyTensor], models: RankModels) -> None:
+    def _check_shapes(where: str, a: dict[str, Any], t: Mapping[str, LazyTensor]) -> None:
         """The configuration agrees with the tensors; facts only the tensors know are taken from them."""
         if EMB not in t:
             raise MappingError(f"{where}: no {EMB}")

@@ -105,13 +105,11 @@ _ENTRY_REASONS = {
     "MixedPrecisionPlugin": "Lightning mixed-precision plugin state (training only)",
     "NLPDDPStrategy": "Lightning strategy state (training only)",
     "datamodule_hyper_parameters": "Lightning datamodule configuration",
+    "optimizer": "optimizer state (training only)",
+    "optimizer_states": "optimizer state (training only)",
+    "rng_state": "random-number-generator state (training only)",
+    "dist_metadata": "megatron-core sharded-checkpoint metadata",
 }
-_PREFIX_REASONS = (
-    ("optimizer", "optimizer state (training only)"),
-    ("optimizer_states", "optimizer state (training only)"),
-    ("rng_state", "random-number-generator state (training only)"),
-    ("dist_metadata", "megatron-core sharded-checkpoint metadata"),
-)
 
 
 def canonical(key: str) -> str:
@@ -134,12 +132,7 @@ def entry_reason(name: str) -> str | None:
         return entry_reason(name.removeprefix("common.pt:"))
     if "._extra_state/" in name or name.endswith("._extra_state"):
         return "Transformer Engine _extra_state (FP8 scaling metadata), not a parameter"
-    if first in _ENTRY_REASONS:
-        return _ENTRY_REASONS[first]
-    for prefix, reason in _PREFIX_REASONS:
-        if first == prefix:
-            return reason
-    return None
+    return _ENTRY_REASONS.get(first)
 
 
 @dataclass
@@ -171,11 +164,11 @@ def _model_prefix(keys: list[str], where: str) -> tuple[str, ...]:
 
 
 def _split_rank(
-    tensors: Mapping[str, LazyTensor], where: str, out: RankModels, label: str
+    tensors: Mapping[str, LazyTensor], where: str, out: RankModels, label: str, prefixes: tuple[str, ...] = ()
 ) -> list[dict[str, LazyTensor]]:
-    """One rank's tensors -> one canonical dict per virtual chunk; non-model tensors go to `out.dropped`."""
-    keys = list(tensors)
-    prefixes = _model_prefix(keys, where)
+    """One rank's tensors -> one canonical dict per virtual chunk; non-model tensors go to `out.dropped`.
+    `prefixes`: the model's key prefixes, one per chunk (default: detected, see `_model_prefix`)."""
+    prefixes = prefixes or _model_prefix(list(tensors), where)
     chunks: list[dict[str, LazyTensor]] = [{} for _ in prefixes]
     for key, t in tensors.items():
         v = next((i for i, prefix in enumerate(prefixes) if key.startswith(prefix)), None)
@@ -279,8 +272,7 @@ def _torch_dist(ckpt: Checkpoint) -> RankModels:
         if sorted(parts) != ["v", "w"]:
             raise CheckpointError(f"{ckpt.path}: {name} has only its {'gate' if 'w' in parts else 'up'} half (_w/_v)")
         model[name] = V.concat_rows([parts["w"], parts["v"]], name)
-    out.shards[(0, 0, 0)] = _split_rank({f"model.{k}": t for k, t in model.items()}, ckpt.path, out, "")[0]
-    out.dropped = {k.removeprefix("model."): r for k, r in out.dropped.items()}
+    out.shards[(0, 0, 0)] = _split_rank(model, ckpt.path, out, "", prefixes=("",))[0]
     return out
 
 

@@ -33,6 +33,7 @@ from hubconv.errors import MappingError
 from hubconv.io.tensor import LazyTensor
 from hubconv.native.streaming import linear as _linear
 from hubconv.native.streaming import load as _load
+from hubconv.native.streaming import load_tensor
 from hubconv.native.streaming import rows as _rows
 
 
@@ -54,8 +55,7 @@ def _inv_freq(a: Mapping[str, Any]) -> torch.Tensor:
 
 def check_inv_freq(buffer: LazyTensor, a: Mapping[str, Any], where: str) -> None:
     """The legacy `rotary_pos_emb.inv_freq` buffer must be what the rotary arguments give (else they are wrong)."""
-    saved = _load({"b": buffer}, "b")
-    assert saved is not None
+    saved = load_tensor(buffer)
     want = _inv_freq({**a, "use_rope_scaling": False})
     if saved.shape != want.shape or not torch.allclose(saved.float(), want, rtol=1e-3, atol=1e-7):
         raise MappingError(
